@@ -1,0 +1,755 @@
+"""``hopkit.BaseHOP``: define your own subgraph higher-order operator.
+
+    hop(subgraph, *operands, **config) -> subgraph(*operands)
+
+In plain Python, every rule below computes::
+
+    def hop(subgraph, *operands, **config):
+        return subgraph(*operands)     # config is recorded on the node, never passed
+
+A subclass may take positional configuration before the subgraph
+(``leading_config = ("device_type", ...)``, as ``wrap_with_autocast`` does) and
+may run its subgraph under a context (``subgraph_context``); every rule honours
+both.
+
+Rules, in the order they are defined here: dense (the reference semantics),
+autograd, functionalize, fake, proxy, Inductor (default: inline the subgraph;
+pointwise bodies fuse through ``hopkit.inductor``), and the Dynamo variable
+(``hopkit._compat.HopkitHOPVariable``, since it subclasses a Dynamo-internal
+class). The registration block is ``BaseHOP._register_rules``.
+
+NOTE [BaseHOP autograd: one joint trace, partitioned, cached]
+Torch's in-tree BaseHOP re-traces a joint graph in every backward and
+recomputes the forward inside it. hopkit traces the joint of the subgraph once
+per (subgraph, operand metadata, autocast state), with fake tensors so nothing
+runs for real, and partitions it with no recomputation
+(``default_partition``) into a forward graph that returns the outputs plus
+the activations backward needs, and a backward graph. The forward graph *is*
+the body: it runs exactly once per call, and a side effect in it (see
+``hopkit.effects``) is never repeated in backward. Eager runs the cached
+graphs; under tracing (make_fx, AOTAutograd) the same graphs become one HOP
+node in the forward graph and one in the backward graph. The tangents are
+assumed contiguous, with the outputs' dtypes, as AOTAutograd assumes; backward
+makes them so.
+
+NOTE [BaseHOP input mutation]
+A subgraph may mutate its operands in place (``x.add_(1)``, also through a
+view: ``x[0].mul_(2)``). Eager runs it as written. Functionalization runs the
+subgraph under functionalization, learns from the functional wrappers which
+operands it mutated, returns their new values as extra outputs, and writes
+them back to the caller's tensors, so traced graphs stay functional and the
+caller sees what eager shows. Outputs that alias an operand or another output
+are refused with an error (no HOP rule can keep that aliasing correct once
+functionalized).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import threading
+import types
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, ClassVar
+
+import torch
+import torch.utils._pytree as pytree
+from torch._C import DispatchKey
+from torch._ops import HigherOrderOperator
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import ProxyTorchDispatchMode
+
+from hopkit import _compat
+
+__all__ = ["BaseHOP", "FunctionWithNoFreeVars", "joint_graph_cache_info"]
+
+
+# ---------------------------------------------------------------------------
+# The subgraph wrapper
+# ---------------------------------------------------------------------------
+
+
+class FunctionWithNoFreeVars:
+    """A Python function that the caller promises reads no free variables.
+
+    Outside ``torch.compile`` a HOP needs a subgraph it can trace on its own:
+    a ``torch.fx.GraphModule``, or a function wrapped in this class. (Inside
+    ``torch.compile`` Dynamo lifts free variables itself, so a plain function
+    or lambda is accepted there.)
+
+    Joint graphs are cached by the wrapped function, so wrapping the same
+    function anew on every call still hits the cache.
+    """
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        if not callable(fn):
+            raise TypeError(
+                f"hopkit: FunctionWithNoFreeVars expects a callable, but got "
+                f"{type(fn).__name__}; pass the function that computes the "
+                f"subgraph, e.g. FunctionWithNoFreeVars(lambda x: (x.sin(),))."
+            )
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"FunctionWithNoFreeVars({getattr(self.fn, '__qualname__', self.fn)!r})"
+
+
+def _cache_owner(subgraph: Any) -> Any:
+    """The object whose identity names a subgraph's behaviour, for caching."""
+    fn = subgraph.fn if isinstance(subgraph, FunctionWithNoFreeVars) else subgraph
+    if isinstance(fn, types.FunctionType) and fn.__closure__ is None:
+        # A closure-free function is determined by its code and globals, so a
+        # lambda re-created on every call still hits the cache.
+        return (fn.__code__, id(fn.__globals__), fn.__defaults__)
+    return fn
+
+
+# ---------------------------------------------------------------------------
+# The HOP class
+# ---------------------------------------------------------------------------
+
+
+class BaseHOP(HigherOrderOperator):
+    """Base class for a HOP ``hop(subgraph, *operands, **config)``.
+
+    Subclass it and give it a name::
+
+        class InvokeQuant(hopkit.BaseHOP):
+            def __init__(self) -> None:
+                super().__init__("my_invoke_quant")
+
+        invoke_quant = InvokeQuant()
+        out = invoke_quant(hopkit.FunctionWithNoFreeVars(g), x, y, scheme="nf4")
+
+    The result is ``subgraph(*operands)``; ``config`` is recorded on the graph
+    node and never passed to the subgraph. The HOP is registered as
+    ``torch.ops.higher_order.<name>`` and works in eager, under FakeTensorMode,
+    make_fx, functionalization, autograd, ``torch.compile`` (eager, aot_eager,
+    inductor) and ``torch.export``.
+
+    Override points for subclasses:
+
+    * ``leading_config``: names of positional configuration arguments that
+      come before the subgraph (``hop(*leading, subgraph, *operands)``).
+    * ``subgraph_context(config)``: a context manager every rule runs the
+      subgraph under (e.g. an autocast state). ``config`` holds the leading
+      arguments and the keyword arguments by name.
+    * ``inductor_mode``: how Inductor lowers the HOP: ``"auto"`` (fuse a
+      pointwise body into its neighbours, else inline it op by op),
+      ``"fuse"`` (require fusion: an error names the op that prevents it) or
+      ``"inline"`` (always op by op).
+    """
+
+    leading_config: ClassVar[tuple[str, ...]] = ()
+    inductor_mode: ClassVar[str] = "auto"
+    _is_hopkit_hop: ClassVar[bool] = True
+
+    def __init__(self, name: str) -> None:
+        _check_new_hop_name(type(self), name)
+        super().__init__(name)
+        self._num_leading = len(self.leading_config)
+        self._has_context = type(self).subgraph_context is not BaseHOP.subgraph_context
+        self._register_rules()
+
+    # -- calling ------------------------------------------------------------
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        n = self._num_leading
+        if len(args) <= n:
+            raise TypeError(
+                f"hopkit: {self._name} expects "
+                f"({', '.join((*self.leading_config, 'subgraph'))}, *operands), "
+                f"but got {len(args)} positional argument(s); pass the subgraph "
+                f"after {n} configuration argument(s)."
+                if n
+                else f"hopkit: {self._name} expects (subgraph, *operands, **config), "
+                f"but got no subgraph; pass a torch.fx.GraphModule or a "
+                f"hopkit.FunctionWithNoFreeVars first."
+            )
+        subgraph = args[n]
+        if not isinstance(subgraph, (torch.fx.GraphModule, FunctionWithNoFreeVars)):
+            raise RuntimeError(
+                f"hopkit: {self._name} was called outside torch.compile with a "
+                f"subgraph of type {type(subgraph).__name__}, which it cannot "
+                f"trace safely. Outside torch.compile the subgraph must be a "
+                f"torch.fx.GraphModule or a hopkit.FunctionWithNoFreeVars: wrap "
+                f"your function as hopkit.FunctionWithNoFreeVars(fn) (it must not "
+                f"read free variables; pass them as operands), or call the HOP "
+                f"inside torch.compile."
+            )
+        return super().__call__(*args, **kwargs)
+
+    def subgraph_context(
+        self, config: dict[str, Any]
+    ) -> contextlib.AbstractContextManager[None]:
+        """The context every rule runs the subgraph under (default: none)."""
+        return contextlib.nullcontext()
+
+    def gen_schema(self, *args: Any, **kwargs: Any) -> torch._C.FunctionSchema:
+        """The schema of one call, with mutated operands annotated.
+
+        ``my_hop(Any subgraph, Tensor(a1!) arg0, Tensor arg1, *,
+        str scheme="nf4") -> ((Tensor))``
+        """
+        return _gen_schema(self, args, kwargs)
+
+    # -- helpers shared by the rules ----------------------------------------
+
+    def _split(self, args: tuple[Any, ...]) -> tuple[tuple[Any, ...], Any, tuple[Any, ...]]:
+        n = self._num_leading
+        return args[:n], args[n], args[n + 1 :]
+
+    def _config(self, leading: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        return {**dict(zip(self.leading_config, leading)), **kwargs}
+
+    def _run(self, leading: tuple[Any, ...], subgraph: Any, operands: Sequence[Any],
+             kwargs: dict[str, Any]) -> Any:
+        """``subgraph(*operands)`` under this HOP's context."""
+        if not self._has_context:
+            return subgraph(*operands)
+        with self.subgraph_context(self._config(leading, kwargs)):
+            return subgraph(*operands)
+
+    def _bind(self, leading: tuple[Any, ...], subgraph: Any,
+              kwargs: dict[str, Any]) -> Callable[..., Any]:
+        """``subgraph`` as a function of the operands, under this HOP's context."""
+        if not self._has_context:
+            return subgraph  # type: ignore[no-any-return]
+
+        def bound(*operands: Any) -> Any:
+            return self._run(leading, subgraph, operands, kwargs)
+
+        return bound
+
+    # -- registration block: one line per dispatch key ---------------------
+
+    def _register_rules(self) -> None:
+        p = functools.partial
+        self.py_impl(DispatchKey.CompositeExplicitAutograd)(p(base_hop_dense, self))
+        # Not py_autograd_impl: that wrapper calls gen_schema (a trace) on
+        # every call that needs grad; base_hop_autograd checks grad itself.
+        self.py_impl(DispatchKey.Autograd)(p(base_hop_autograd, self))
+        self.py_functionalize_impl(p(base_hop_functionalize, self))
+        self.py_impl(FakeTensorMode)(p(base_hop_fake, self))
+        self.py_impl(ProxyTorchDispatchMode)(p(base_hop_proxy, self))
+        # Dynamo and Inductor are registered when (and if) they are imported,
+        # so that `import hopkit` imports neither.
+        _compat.register_dynamo_variable(self)
+        _compat.register_inductor_lowering(self, base_hop_inductor)
+
+
+def _check_new_hop_name(cls: type, name: str) -> None:
+    """Refuse a name taken by another HOP before anything is registered."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(
+            f"hopkit: a HOP name must be a Python identifier (it becomes "
+            f"torch.ops.higher_order.<name>), but got {name!r}; pick a name like "
+            f"'my_invoke_quant'."
+        )
+    existing = _compat.registered_hop(name)
+    if existing is None:
+        return
+    same_class = (
+        type(existing).__module__ == cls.__module__
+        and type(existing).__qualname__ == cls.__qualname__
+    )
+    if not same_class:
+        owner = f"{type(existing).__module__}.{type(existing).__qualname__}"
+        raise ValueError(
+            f"hopkit: the HOP name {name!r} is already taken by {owner} "
+            f"(torch.ops.higher_order.{name}); give "
+            f"{cls.__module__}.{cls.__qualname__} another name, e.g. a prefix "
+            f"for your project."
+        )
+
+
+# ---------------------------------------------------------------------------
+# Rule: dense (the reference semantics)
+# ---------------------------------------------------------------------------
+
+
+def base_hop_dense(hop: BaseHOP, *args: Any, **kwargs: Any) -> Any:
+    """subgraph(*operands), refusing outputs that alias operands or each other."""
+    leading, subgraph, operands = hop._split(args)
+    out = hop._run(leading, subgraph, operands, kwargs)
+    _check_no_output_aliasing(hop, operands, out)
+    return out
+
+
+def _storage_key(t: torch.Tensor) -> int | None:
+    if t.layout is not torch.strided:
+        return None
+    return t.untyped_storage()._cdata  # type: ignore[no-any-return]
+
+
+def _check_no_output_aliasing(hop: BaseHOP, operands: Sequence[Any], out: Any) -> None:
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    seen: dict[int, str] = {}
+    for i, t in enumerate(operands):
+        if isinstance(t, torch.Tensor):
+            key = _storage_key(t)
+            if key is not None:
+                seen.setdefault(key, f"operand {i}")
+    for i, t in enumerate(outs):
+        if not isinstance(t, torch.Tensor):
+            continue
+        key = _storage_key(t)
+        if key is None:
+            continue
+        other = seen.get(key)
+        if other is not None:
+            raise RuntimeError(
+                f"hopkit: {hop._name}'s subgraph returned output {i}, which "
+                f"aliases {other} (they share storage). A HOP's outputs must be "
+                f"fresh tensors, or functionalization and compilation cannot keep "
+                f"the aliasing correct; return a copy instead (e.g. x.clone() "
+                f"rather than x or a view of x)."
+            )
+        seen[key] = f"output {i}"
+
+
+# ---------------------------------------------------------------------------
+# Rule: autograd
+# ---------------------------------------------------------------------------
+
+
+def base_hop_autograd(hop: BaseHOP, *args: Any, **kwargs: Any) -> Any:
+    """Differentiable call: the cached forward graph now, its backward graph later.
+
+    See NOTE [BaseHOP autograd: one joint trace, partitioned, cached].
+    """
+    leading, subgraph, operands = hop._split(args)
+    if not (
+        torch.is_grad_enabled()
+        and any(isinstance(t, torch.Tensor) and t.requires_grad for t in operands)
+    ):
+        with torch._C._AutoDispatchBelowAutograd():
+            return hop(*args, **kwargs)
+    plan = _autograd_plan(hop, leading, subgraph, operands, kwargs)
+    outs = _BaseHOPFunction.apply(hop, plan, leading, kwargs, *operands)
+    return outs[0] if plan.single_output else outs
+
+
+@dataclasses.dataclass(frozen=True)
+class _AutogradPlan:
+    """The partitioned joint graph of one subgraph for one operand metadata."""
+
+    fw: torch.fx.GraphModule  # operands -> (*outputs, *saved)
+    bw: torch.fx.GraphModule  # bw_inputs -> grads of diff_operands
+    num_outputs: int
+    single_output: bool
+    # What to feed each placeholder of `bw`: ("operand", i), ("saved", k) or
+    # ("tangent", j).
+    bw_inputs: tuple[tuple[str, int], ...]
+    diff_operands: tuple[int, ...]  # the operands `bw` returns grads for
+    non_diff_outputs: tuple[int, ...]
+
+
+class _BaseHOPFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, hop: BaseHOP, plan: _AutogradPlan, leading: tuple[Any, ...],
+        kwargs: dict[str, Any], *operands: Any,
+    ) -> tuple[Any, ...]:
+        with torch._C._AutoDispatchBelowAutograd():
+            res = hop(*leading, plan.fw, *operands, **kwargs)
+        outs, saved = tuple(res[: plan.num_outputs]), tuple(res[plan.num_outputs :])
+        ctx.hop, ctx.plan, ctx.leading, ctx.kwargs = hop, plan, leading, kwargs
+        # Tensors go through save_for_backward (version checks, hooks); SymInts
+        # and Python scalars ride along on ctx.
+        tensor_slots = [x for x in (*operands, *saved) if isinstance(x, torch.Tensor)]
+        ctx.save_for_backward(*tensor_slots)
+        ctx.layout = [isinstance(x, torch.Tensor) for x in (*operands, *saved)]
+        ctx.others = [x for x in (*operands, *saved) if not isinstance(x, torch.Tensor)]
+        ctx.num_operands = len(operands)
+        non_diff = [outs[i] for i in plan.non_diff_outputs]
+        if non_diff:
+            ctx.mark_non_differentiable(*non_diff)
+        return outs
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:
+        plan: _AutogradPlan = ctx.plan
+        tensors, others = iter(ctx.saved_tensors), iter(ctx.others)
+        slots = [next(tensors) if is_t else next(others) for is_t in ctx.layout]
+        operands, saved = slots[: ctx.num_operands], slots[ctx.num_operands :]
+        bw_args = []
+        for kind, i in plan.bw_inputs:
+            if kind == "operand":
+                bw_args.append(operands[i])
+            elif kind == "saved":
+                bw_args.append(saved[i])
+            else:  # The backward graph was traced with contiguous tangents.
+                bw_args.append(grads[i].contiguous())
+        res = ctx.hop(*ctx.leading, plan.bw, *bw_args, **ctx.kwargs)
+        res = res if isinstance(res, (tuple, list)) else (res,)
+        operand_grads: list[Any] = [None] * ctx.num_operands
+        for i, g in zip(plan.diff_operands, res):
+            operand_grads[i] = g
+        return (None, None, None, None, *operand_grads)
+
+
+class _PlanCache:
+    """Autograd plans per subgraph owner, then per operand metadata."""
+
+    def __init__(self) -> None:
+        self._weak: weakref.WeakKeyDictionary[Any, dict[Any, _AutogradPlan]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._strong: dict[Any, dict[Any, _AutogradPlan]] = {}
+        self.hits = 0
+        self.misses = 0
+        self._lock = threading.Lock()
+
+    def table(self, owner: Any) -> dict[Any, _AutogradPlan]:
+        store: Any = self._strong if isinstance(owner, tuple) else self._weak
+        try:
+            return store.setdefault(owner, {})  # type: ignore[no-any-return]
+        except TypeError:  # neither hashable-by-tuple nor weak-referenceable
+            return {}
+
+    def clear(self) -> None:
+        self._weak = weakref.WeakKeyDictionary()
+        self._strong.clear()
+        self.hits = self.misses = 0
+
+
+_plan_cache = _PlanCache()
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheInfo:
+    hits: int
+    misses: int
+
+
+def joint_graph_cache_info(clear: bool = False) -> CacheInfo:
+    """How often eager autograd reused a joint graph (hits) or traced one (misses).
+
+    ``clear=True`` empties the cache after reading it.
+    """
+    info = CacheInfo(_plan_cache.hits, _plan_cache.misses)
+    if clear:
+        _plan_cache.clear()
+    return info
+
+
+def _metadata_key(hop: BaseHOP, leading: tuple[Any, ...], operands: Sequence[Any],
+                  kwargs: dict[str, Any]) -> Any:
+    parts: list[Any] = [hop, leading, _compat.autocast_state()]
+    if hop._has_context:
+        parts.append(tuple(sorted(kwargs.items())))
+    for t in operands:
+        if isinstance(t, torch.Tensor):
+            parts.append(
+                (t.shape, t.stride(), t.dtype, t.device, t.requires_grad, t.layout)
+            )
+        else:
+            parts.append((type(t), t))
+    return tuple(parts)
+
+
+def _is_concrete(operands: Sequence[Any]) -> bool:
+    """True in plain eager: no tracing mode, no fake or symbolic operands."""
+    if _compat.any_dispatch_mode_active():
+        return False
+    for t in operands:
+        if isinstance(t, torch.Tensor) and type(t) not in (torch.Tensor, torch.nn.Parameter):
+            return False
+        if isinstance(t, torch.SymInt | torch.SymFloat | torch.SymBool):
+            return False
+    return True
+
+
+def _autograd_plan(hop: BaseHOP, leading: tuple[Any, ...], subgraph: Any,
+                   operands: Sequence[Any], kwargs: dict[str, Any]) -> _AutogradPlan:
+    if not _is_concrete(operands):
+        return _build_autograd_plan(hop, leading, subgraph, operands, kwargs)
+    table = _plan_cache.table(_cache_owner(subgraph))
+    key = _metadata_key(hop, leading, operands, kwargs)
+    plan = table.get(key)
+    if plan is None:
+        _plan_cache.misses += 1
+        plan = _build_autograd_plan(hop, leading, subgraph, operands, kwargs)
+        table[key] = plan
+    else:
+        _plan_cache.hits += 1
+    return plan
+
+
+def _build_autograd_plan(hop: BaseHOP, leading: tuple[Any, ...], subgraph: Any,
+                         operands: Sequence[Any], kwargs: dict[str, Any]) -> _AutogradPlan:
+    fn = hop._bind(leading, subgraph, kwargs)
+    record: dict[str, Any] = {}
+
+    def joint(primals: list[Any], tangents: list[Any]) -> Any:
+        out = fn(*primals)
+        outs = _flat_outputs(hop, out)
+        record["single"] = not isinstance(out, (tuple, list))
+        record["requires_grad"] = [isinstance(o, torch.Tensor) and o.requires_grad for o in outs]
+        pairs = [(o, t) for o, t in zip(outs, tangents) if isinstance(o, torch.Tensor) and o.requires_grad]
+        diff = [p for p in primals if isinstance(p, torch.Tensor) and p.requires_grad]
+        grads: Sequence[Any] = ()
+        if pairs and diff:
+            grads = torch.autograd.grad(
+                [o for o, _ in pairs], diff, [t for _, t in pairs], allow_unused=True
+            )
+        return (*outs, *grads)
+
+    with _compat.tracing_fresh_examples(operands) as (examples, trace):
+        with torch.enable_grad():
+            with torch.no_grad():
+                probe_outs = _flat_outputs(hop, _probe_outputs(fn, examples))
+            tangents = [
+                torch.empty(o.shape, dtype=o.dtype, device=o.device)
+                if isinstance(o, torch.Tensor) else None
+                for o in probe_outs
+            ]
+            try:
+                joint_gm = trace(joint)(list(examples), tangents)
+            except RuntimeError as e:
+                mutated = [i for i, x in enumerate(examples)
+                           if isinstance(x, torch.Tensor) and x.requires_grad and x._version > 0]
+                if mutated:
+                    raise RuntimeError(
+                        f"hopkit: {hop._name}'s subgraph mutates operand {mutated[0]} in "
+                        f"place, and operand {mutated[0]} requires grad. Autograd "
+                        f"through an in-place update of a HOP operand that requires "
+                        f"grad is not supported; clone it inside the subgraph "
+                        f"(x = x.clone()) or pass a tensor that does not require grad."
+                    ) from e
+                raise
+    num_outputs = len(probe_outs)
+    return _partition(hop, joint_gm, operands, num_outputs, record)
+
+
+def _probe_outputs(fn: Callable[..., Any], examples: Sequence[Any]) -> Any:
+    """Output metadata from a fake run (the examples are fake: nothing runs)."""
+    clones = [x.clone() if isinstance(x, torch.Tensor) else x for x in examples]
+    return fn(*clones)
+
+
+def _flat_outputs(hop: BaseHOP, out: Any) -> tuple[Any, ...]:
+    outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+    for i, o in enumerate(outs):
+        if not isinstance(o, torch.Tensor) and o is not None:
+            raise RuntimeError(
+                f"hopkit: {hop._name}'s subgraph must return a Tensor or a "
+                f"tuple/list of Tensors, but output {i} is a "
+                f"{type(o).__name__}; return tensors (wrap Python numbers with "
+                f"torch.tensor) and keep other values out of the HOP."
+            )
+    return outs
+
+
+def _partition(hop: BaseHOP, joint_gm: torch.fx.GraphModule, operands: Sequence[Any],
+               num_outputs: int, record: dict[str, Any]) -> _AutogradPlan:
+    fw, bw = _compat.default_partition(joint_gm, num_fwd_outputs=num_outputs)
+    fw_placeholders = {n.name: i for i, n in enumerate(fw.graph.find_nodes(op="placeholder"))}
+    fw_out_node = fw.graph.find_nodes(op="output")[0]
+    fw_outs = list(fw_out_node.args[0])
+    # Saved operands are passed from the caller's tensors, not returned by the
+    # forward graph (which would make its outputs alias its inputs).
+    saved_nodes = [n for n in fw_outs[num_outputs:] if n.op != "placeholder"]
+    saved_index = {n.name: k for k, n in enumerate(saved_nodes)}
+    fw_out_node.args = (tuple(fw_outs[:num_outputs] + saved_nodes),)
+    fw.graph.lint()
+    fw.recompile()
+
+    bw_inputs: list[tuple[str, int]] = []
+    tangent_count = 0
+    for ph in list(bw.graph.find_nodes(op="placeholder")):
+        if ph.name.startswith("tangents"):
+            j = tangent_count
+            tangent_count += 1
+            if not ph.users:
+                bw.graph.erase_node(ph)
+                continue
+            bw_inputs.append(("tangent", j))
+        elif ph.name in fw_placeholders:
+            bw_inputs.append(("operand", fw_placeholders[ph.name]))
+        else:
+            bw_inputs.append(("saved", saved_index[ph.name]))
+    bw_out_node = bw.graph.find_nodes(op="output")[0]
+    grads = list(bw_out_node.args[0])
+    diff_operands = tuple(
+        i for i, t in enumerate(operands) if isinstance(t, torch.Tensor) and t.requires_grad
+    )
+    kept = [(i, g) for i, g in zip(diff_operands, grads) if g is not None]
+    bw_out_node.args = (tuple(g for _, g in kept),)
+    bw.graph.eliminate_dead_code()
+    bw.graph.lint()
+    bw.recompile()
+    return _AutogradPlan(
+        fw=fw,
+        bw=bw,
+        num_outputs=num_outputs,
+        single_output=record["single"],
+        bw_inputs=tuple(bw_inputs),
+        diff_operands=tuple(i for i, _ in kept),
+        non_diff_outputs=tuple(i for i, rg in enumerate(record["requires_grad"]) if not rg),
+    )
+
+
+# ---------------------------------------------------------------------------
+# Rule: functionalize
+# ---------------------------------------------------------------------------
+
+
+def base_hop_functionalize(hop: BaseHOP, ctx: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call a functional subgraph; write mutated operands back to the caller.
+
+    See NOTE [BaseHOP input mutation].
+    """
+    leading, subgraph, operands = hop._split(args)
+    unwrapped = ctx.unwrap_tensors(operands)
+    functional = _FunctionalSubgraph(hop, ctx.functionalize, hop._bind(leading, subgraph, kwargs))
+    with ctx.redispatch_to_next():
+        res = hop(*leading, functional, *unwrapped, **kwargs)
+    res = res if isinstance(res, (tuple, list)) else (res,)
+    mutated = functional.mutated
+    assert mutated is not None, "the functional subgraph records its mutations when run"
+    num_outputs = len(res) - len(mutated)
+    for i, new_value in zip(mutated, res[num_outputs:]):
+        ctx.replace(operands[i], new_value)
+        ctx.commit_update(operands[i])
+        ctx.sync(operands[i])
+    outs = ctx.wrap_tensors(tuple(res[:num_outputs]))
+    return outs[0] if functional.single_output else outs
+
+
+class _FunctionalSubgraph(FunctionWithNoFreeVars):
+    """``subgraph`` run under functionalization, returning mutated operands too.
+
+    Running it records which operands the subgraph mutated (in place or through
+    a view); it returns ``(*outputs, *new values of those operands)``.
+    """
+
+    __slots__ = ("hop", "mutated", "single_output")
+
+    def __init__(self, hop: BaseHOP, functionalize: Callable[..., Any],
+                 subgraph: Callable[..., Any]) -> None:
+        self.hop = hop
+        self.mutated: tuple[int, ...] | None = None
+        self.single_output = False
+
+        def with_epilogue(*fargs: Any) -> Any:
+            out = subgraph(*fargs)
+            self.single_output = not isinstance(out, (tuple, list))
+            outs = _flat_outputs(hop, out)
+            mutated = []
+            for i, a in enumerate(fargs):
+                if isinstance(a, torch.Tensor) and _compat.was_mutated(a, hop._name, i):
+                    mutated.append(i)
+            self.mutated = tuple(mutated)
+            return (*outs, *(fargs[i] for i in mutated))
+
+        super().__init__(functionalize(with_epilogue))
+
+
+# ---------------------------------------------------------------------------
+# Rule: fake
+# ---------------------------------------------------------------------------
+
+
+def base_hop_fake(hop: BaseHOP, mode: FakeTensorMode, *args: Any, **kwargs: Any) -> Any:
+    """The dense rule on fake tensors: output metadata, nothing runs."""
+    leading, subgraph, operands = hop._split(args)
+    with mode:
+        out = hop._run(leading, subgraph, operands, kwargs)
+    _check_no_output_aliasing(hop, operands, out)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Rule: proxy (make_fx, AOTAutograd, export)
+# ---------------------------------------------------------------------------
+
+
+def base_hop_proxy(hop: BaseHOP, mode: ProxyTorchDispatchMode, *args: Any, **kwargs: Any) -> Any:
+    """One call node; the subgraph traced into a submodule of the root."""
+    from torch._higher_order_ops.utils import reenter_make_fx
+    from torch.fx.experimental.proxy_tensor import track_tensor_tree
+
+    leading, subgraph, operands = hop._split(args)
+    tracer = mode.tracer
+    gm = reenter_make_fx(hop._bind(leading, subgraph, kwargs))(*operands)
+    name = _fresh_attr_name(tracer.root, "subgraph")
+    tracer.root.register_module(name, gm)
+    node_args = (*leading, gm, *operands)
+    proxy_args = pytree.tree_map(tracer.unwrap_proxy, node_args)  # type: ignore[union-attr]
+    proxy_kwargs = pytree.tree_map(tracer.unwrap_proxy, kwargs)  # type: ignore[union-attr]
+    out_proxy = tracer.create_proxy("call_function", hop, proxy_args, proxy_kwargs)
+    out = hop(*leading, gm, *operands, **kwargs)
+    return track_tensor_tree(out, out_proxy, constant=None, tracer=tracer)  # type: ignore[arg-type]
+
+
+def _fresh_attr_name(root: torch.nn.Module, prefix: str) -> str:
+    i = 0
+    while hasattr(root, f"{prefix}_{i}"):
+        i += 1
+    return f"{prefix}_{i}"
+
+
+# ---------------------------------------------------------------------------
+# Rule: Inductor
+# ---------------------------------------------------------------------------
+
+
+def base_hop_inductor(hop: BaseHOP, *args: Any, **kwargs: Any) -> Any:
+    """Lower into the surrounding graph: fuse a pointwise body, else inline it."""
+    leading, subgraph, operands = hop._split(args)
+    gm = subgraph.graph_module
+    if hop.inductor_mode != "inline":
+        lowered = _compat.lower_pointwise_hop(hop, gm, operands, require=hop.inductor_mode == "fuse")
+        if lowered is not None:
+            return lowered
+    return _compat.inline_subgraph_into_graph_lowering(gm, operands)
+
+
+# ---------------------------------------------------------------------------
+# gen_schema
+# ---------------------------------------------------------------------------
+
+
+def _gen_schema(hop: BaseHOP, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch._C.FunctionSchema:
+    from torch._higher_order_ops.schema import HopSchemaGenerator
+
+    leading, subgraph, operands = hop._split(args)
+    if not isinstance(subgraph, (torch.fx.GraphModule, FunctionWithNoFreeVars)) and not callable(subgraph):
+        raise RuntimeError(
+            f"hopkit: {hop._name}.gen_schema needs the subgraph as a GraphModule "
+            f"or a callable, but got {type(subgraph).__name__}."
+        )
+    with _compat.tracing_fresh_examples(operands, requires_grad=False) as (examples, trace):
+        before = [x._version if isinstance(x, torch.Tensor) else None for x in examples]
+        gm = trace(hop._bind(leading, subgraph, kwargs))(*examples)
+        mutated = {
+            i for i, (x, v) in enumerate(zip(examples, before))
+            if isinstance(x, torch.Tensor) and x._version != v
+        }
+        outs = _flat_outputs(hop, gm.meta.get("val") or _output_vals(gm))
+        _check_no_output_aliasing(hop, examples, outs)
+    gen = HopSchemaGenerator(hop)
+    for name, value in zip(hop.leading_config, leading):
+        gen.add_arg(name, value)
+    gen.add_arg("subgraph", gm)
+    for i, x in enumerate(operands):
+        gen.add_arg(f"arg{i}", x, is_mutated=i in mutated)
+    for name, value in kwargs.items():
+        gen.add_arg(name, value, default_value=value, kw_only=True)
+    for o in outs:
+        gen.add_output(o)
+    return gen.gen_schema()
+
+
+def _output_vals(gm: torch.fx.GraphModule) -> Any:
+    out = gm.graph.find_nodes(op="output")[0].args[0]
+    return pytree.tree_map_only(torch.fx.Node, lambda n: n.meta.get("val"), out)
