@@ -46,6 +46,7 @@ functionalized).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import threading
@@ -154,6 +155,7 @@ class BaseHOP(HigherOrderOperator):
     def __init__(self, name: str) -> None:
         _check_new_hop_name(type(self), name)
         super().__init__(name)
+        _compat.publish_hop(self)
         self._num_leading = len(self.leading_config)
         self._has_context = type(self).subgraph_context is not BaseHOP.subgraph_context
         self._register_rules()
@@ -221,7 +223,7 @@ class BaseHOP(HigherOrderOperator):
               kwargs: dict[str, Any]) -> Callable[..., Any]:
         """``subgraph`` as a function of the operands, under this HOP's context."""
         if not self._has_context:
-            return subgraph  # type: ignore[no-any-return]
+            return subgraph
 
         def bound(*operands: Any) -> Any:
             return self._run(leading, subgraph, operands, kwargs)
@@ -279,14 +281,30 @@ def base_hop_dense(hop: BaseHOP, *args: Any, **kwargs: Any) -> Any:
     """subgraph(*operands), refusing outputs that alias operands or each other."""
     leading, subgraph, operands = hop._split(args)
     out = hop._run(leading, subgraph, operands, kwargs)
-    _check_no_output_aliasing(hop, operands, out)
+    if not _is_internal(subgraph):
+        _check_no_output_aliasing(hop, operands, out)
     return out
+
+
+# hopkit's own forward/backward graphs return saved activations, which may be
+# views of the operands or of each other; only hopkit's backward reads them, so
+# the user-facing aliasing check does not apply to them.
+_INTERNAL = "_hopkit_internal"
+
+
+def _is_internal(subgraph: Any) -> bool:
+    return bool(getattr(subgraph, _INTERNAL, False))
+
+
+def _mark_internal(gm: Any, like: Any = True) -> None:
+    if like is True or _is_internal(like):
+        setattr(gm, _INTERNAL, True)
 
 
 def _storage_key(t: torch.Tensor) -> int | None:
     if t.layout is not torch.strided:
         return None
-    return t.untyped_storage()._cdata  # type: ignore[no-any-return]
+    return t.untyped_storage()._cdata
 
 
 def _check_no_output_aliasing(hop: BaseHOP, operands: Sequence[Any], out: Any) -> None:
@@ -337,7 +355,7 @@ def base_hop_autograd(hop: BaseHOP, *args: Any, **kwargs: Any) -> Any:
     return outs[0] if plan.single_output else outs
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class _AutogradPlan:
     """The partitioned joint graph of one subgraph for one operand metadata."""
 
@@ -349,12 +367,17 @@ class _AutogradPlan:
     # ("tangent", j).
     bw_inputs: tuple[tuple[str, int], ...]
     diff_operands: tuple[int, ...]  # the operands `bw` returns grads for
+    requires_grad_operands: tuple[int, ...]
     non_diff_outputs: tuple[int, ...]
+    joint: torch.fx.GraphModule
+    # Built on first double backward: grads from the operands alone, so that
+    # they are differentiable again (see _BaseHOPFunction.backward).
+    recompute_bw: tuple[torch.fx.GraphModule, tuple[tuple[str, int], ...]] | None = None
 
 
 class _BaseHOPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, hop: BaseHOP, plan: _AutogradPlan, leading: tuple[Any, ...],
         kwargs: dict[str, Any], *operands: Any,
     ) -> tuple[Any, ...]:
@@ -380,15 +403,23 @@ class _BaseHOPFunction(torch.autograd.Function):
         tensors, others = iter(ctx.saved_tensors), iter(ctx.others)
         slots = [next(tensors) if is_t else next(others) for is_t in ctx.layout]
         operands, saved = slots[: ctx.num_operands], slots[ctx.num_operands :]
+        bw, bw_inputs = plan.bw, plan.bw_inputs
+        if torch.is_grad_enabled():
+            # create_graph=True: the saved activations came out of the forward
+            # graph below autograd and carry no history, so use a backward that
+            # recomputes them from the operands and is differentiable again.
+            if plan.recompute_bw is None:
+                plan.recompute_bw = _recompute_backward(plan)
+            bw, bw_inputs = plan.recompute_bw
         bw_args = []
-        for kind, i in plan.bw_inputs:
+        for kind, i in bw_inputs:
             if kind == "operand":
                 bw_args.append(operands[i])
             elif kind == "saved":
                 bw_args.append(saved[i])
             else:  # The backward graph was traced with contiguous tangents.
                 bw_args.append(grads[i].contiguous())
-        res = ctx.hop(*ctx.leading, plan.bw, *bw_args, **ctx.kwargs)
+        res = ctx.hop(*ctx.leading, bw, *bw_args, **ctx.kwargs)
         res = res if isinstance(res, (tuple, list)) else (res,)
         operand_grads: list[Any] = [None] * ctx.num_operands
         for i, g in zip(plan.diff_operands, res):
@@ -411,7 +442,7 @@ class _PlanCache:
     def table(self, owner: Any) -> dict[Any, _AutogradPlan]:
         store: Any = self._strong if isinstance(owner, tuple) else self._weak
         try:
-            return store.setdefault(owner, {})  # type: ignore[no-any-return]
+            return store.setdefault(owner, {})
         except TypeError:  # neither hashable-by-tuple nor weak-referenceable
             return {}
 
@@ -492,6 +523,7 @@ def _build_autograd_plan(hop: BaseHOP, leading: tuple[Any, ...], subgraph: Any,
     def joint(primals: list[Any], tangents: list[Any]) -> Any:
         out = fn(*primals)
         outs = _flat_outputs(hop, out)
+        _compat.tag_traced_nodes_as_forward()
         record["single"] = not isinstance(out, (tuple, list))
         record["requires_grad"] = [isinstance(o, torch.Tensor) and o.requires_grad for o in outs]
         pairs = [(o, t) for o, t in zip(outs, tangents) if isinstance(o, torch.Tensor) and o.requires_grad]
@@ -552,17 +584,38 @@ def _flat_outputs(hop: BaseHOP, out: Any) -> tuple[Any, ...]:
 def _partition(hop: BaseHOP, joint_gm: torch.fx.GraphModule, operands: Sequence[Any],
                num_outputs: int, record: dict[str, Any]) -> _AutogradPlan:
     fw, bw = _compat.default_partition(joint_gm, num_fwd_outputs=num_outputs)
-    fw_placeholders = {n.name: i for i, n in enumerate(fw.graph.find_nodes(op="placeholder"))}
     fw_out_node = fw.graph.find_nodes(op="output")[0]
     fw_outs = list(fw_out_node.args[0])
     # Saved operands are passed from the caller's tensors, not returned by the
     # forward graph (which would make its outputs alias its inputs).
     saved_nodes = [n for n in fw_outs[num_outputs:] if n.op != "placeholder"]
-    saved_index = {n.name: k for k, n in enumerate(saved_nodes)}
     fw_out_node.args = (tuple(fw_outs[:num_outputs] + saved_nodes),)
     fw.graph.lint()
     fw.recompile()
+    _mark_internal(fw)
+    diff_operands = tuple(
+        i for i, t in enumerate(operands) if isinstance(t, torch.Tensor) and t.requires_grad
+    )
+    saved_index = {n.name: k for k, n in enumerate(saved_nodes)}
+    bw_inputs, kept = _finish_backward(bw, fw.graph, saved_index, diff_operands)
+    return _AutogradPlan(
+        fw=fw,
+        bw=bw,
+        num_outputs=num_outputs,
+        single_output=record["single"],
+        bw_inputs=bw_inputs,
+        diff_operands=kept,
+        requires_grad_operands=diff_operands,
+        non_diff_outputs=tuple(i for i, rg in enumerate(record["requires_grad"]) if not rg),
+        joint=joint_gm,
+    )
 
+
+def _finish_backward(bw: torch.fx.GraphModule, fw_graph: torch.fx.Graph,
+                     saved_index: dict[str, int], diff_operands: tuple[int, ...],
+                     ) -> tuple[tuple[tuple[str, int], ...], tuple[int, ...]]:
+    """Drop unused tangents and None grads from ``bw``; say what feeds it."""
+    primal_index = {n.name: i for i, n in enumerate(fw_graph.find_nodes(op="placeholder"))}
     bw_inputs: list[tuple[str, int]] = []
     tangent_count = 0
     for ph in list(bw.graph.find_nodes(op="placeholder")):
@@ -573,29 +626,30 @@ def _partition(hop: BaseHOP, joint_gm: torch.fx.GraphModule, operands: Sequence[
                 bw.graph.erase_node(ph)
                 continue
             bw_inputs.append(("tangent", j))
-        elif ph.name in fw_placeholders:
-            bw_inputs.append(("operand", fw_placeholders[ph.name]))
+        elif ph.name in primal_index:
+            bw_inputs.append(("operand", primal_index[ph.name]))
         else:
             bw_inputs.append(("saved", saved_index[ph.name]))
-    bw_out_node = bw.graph.find_nodes(op="output")[0]
-    grads = list(bw_out_node.args[0])
-    diff_operands = tuple(
-        i for i, t in enumerate(operands) if isinstance(t, torch.Tensor) and t.requires_grad
-    )
-    kept = [(i, g) for i, g in zip(diff_operands, grads) if g is not None]
-    bw_out_node.args = (tuple(g for _, g in kept),)
+    out_node = bw.graph.find_nodes(op="output")[0]
+    kept = [(i, g) for i, g in zip(diff_operands, out_node.args[0]) if g is not None]
+    out_node.args = (tuple(g for _, g in kept),)
     bw.graph.eliminate_dead_code()
     bw.graph.lint()
     bw.recompile()
-    return _AutogradPlan(
-        fw=fw,
-        bw=bw,
-        num_outputs=num_outputs,
-        single_output=record["single"],
-        bw_inputs=tuple(bw_inputs),
-        diff_operands=tuple(i for i, _ in kept),
-        non_diff_outputs=tuple(i for i, rg in enumerate(record["requires_grad"]) if not rg),
-    )
+    _mark_internal(bw)
+    return tuple(bw_inputs), tuple(i for i, _ in kept)
+
+
+def _recompute_backward(plan: _AutogradPlan) -> tuple[torch.fx.GraphModule, tuple[tuple[str, int], ...]]:
+    """The joint graph cut down to its grads: a backward from the operands alone."""
+    graph = copy.deepcopy(plan.joint.graph)
+    graph._codegen = torch.fx.graph.CodeGen()  # flat placeholders, flat output
+    out_node = graph.find_nodes(op="output")[0]
+    out_node.args = (tuple(out_node.args[0][plan.num_outputs :]),)
+    gm = torch.fx.GraphModule(plan.joint, graph)
+    bw_inputs, kept = _finish_backward(gm, plan.joint.graph, {}, plan.requires_grad_operands)
+    assert kept == plan.diff_operands, "the joint and its partition agree on grads"
+    return gm, bw_inputs
 
 
 # ---------------------------------------------------------------------------
@@ -611,6 +665,7 @@ def base_hop_functionalize(hop: BaseHOP, ctx: Any, *args: Any, **kwargs: Any) ->
     leading, subgraph, operands = hop._split(args)
     unwrapped = ctx.unwrap_tensors(operands)
     functional = _FunctionalSubgraph(hop, ctx.functionalize, hop._bind(leading, subgraph, kwargs))
+    _mark_internal(functional, like=subgraph)
     with ctx.redispatch_to_next():
         res = hop(*leading, functional, *unwrapped, **kwargs)
     res = res if isinstance(res, (tuple, list)) else (res,)
@@ -632,7 +687,7 @@ class _FunctionalSubgraph(FunctionWithNoFreeVars):
     a view); it returns ``(*outputs, *new values of those operands)``.
     """
 
-    __slots__ = ("hop", "mutated", "single_output")
+    __slots__ = ("hop", "mutated", "single_output", "_hopkit_internal")
 
     def __init__(self, hop: BaseHOP, functionalize: Callable[..., Any],
                  subgraph: Callable[..., Any]) -> None:
@@ -664,7 +719,8 @@ def base_hop_fake(hop: BaseHOP, mode: FakeTensorMode, *args: Any, **kwargs: Any)
     leading, subgraph, operands = hop._split(args)
     with mode:
         out = hop._run(leading, subgraph, operands, kwargs)
-    _check_no_output_aliasing(hop, operands, out)
+    if not _is_internal(subgraph):
+        _check_no_output_aliasing(hop, operands, out)
     return out
 
 
@@ -679,16 +735,17 @@ def base_hop_proxy(hop: BaseHOP, mode: ProxyTorchDispatchMode, *args: Any, **kwa
     from torch.fx.experimental.proxy_tensor import track_tensor_tree
 
     leading, subgraph, operands = hop._split(args)
-    tracer = mode.tracer
+    tracer: Any = mode.tracer  # a PythonKeyTracer while make_fx traces
     gm = reenter_make_fx(hop._bind(leading, subgraph, kwargs))(*operands)
+    _mark_internal(gm, like=subgraph)
     name = _fresh_attr_name(tracer.root, "subgraph")
     tracer.root.register_module(name, gm)
     node_args = (*leading, gm, *operands)
-    proxy_args = pytree.tree_map(tracer.unwrap_proxy, node_args)  # type: ignore[union-attr]
-    proxy_kwargs = pytree.tree_map(tracer.unwrap_proxy, kwargs)  # type: ignore[union-attr]
+    proxy_args = pytree.tree_map(tracer.unwrap_proxy, node_args)
+    proxy_kwargs = pytree.tree_map(tracer.unwrap_proxy, kwargs)
     out_proxy = tracer.create_proxy("call_function", hop, proxy_args, proxy_kwargs)
     out = hop(*leading, gm, *operands, **kwargs)
-    return track_tensor_tree(out, out_proxy, constant=None, tracer=tracer)  # type: ignore[arg-type]
+    return track_tensor_tree(out, out_proxy, constant=None, tracer=tracer)
 
 
 def _fresh_attr_name(root: torch.nn.Module, prefix: str) -> str:

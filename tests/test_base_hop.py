@@ -1,0 +1,674 @@
+"""hopkit.BaseHOP in every mode SPEC §1 names, against calling the subgraph directly."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+from expecttest import assert_expected_inline
+from torch._dynamo.testing import AotEagerAndRecordGraphs, EagerAndRecordGraphs
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import hopkit
+from hopkit.base_hop import joint_graph_cache_info
+
+
+class InvokeQuant(hopkit.BaseHOP):
+    def __init__(self) -> None:
+        super().__init__("hopkit_test_invoke_quant")
+
+
+invoke_quant = InvokeQuant()
+
+
+def g(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor]:
+    return (x.sin() * y,)
+
+
+G = hopkit.FunctionWithNoFreeVars(g)
+
+
+def mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor]:
+    return ((x @ w1).relu() @ w2,)
+
+
+# A body whose real executions we can count: the custom op's Python body runs
+# only on real tensors, never under fake tracing.
+_calls: list[str] = []
+
+
+@torch.library.custom_op("hopkit_test_base::count", mutates_args=())
+def count(x: torch.Tensor) -> torch.Tensor:
+    _calls.append("count")
+    return x.clone()
+
+
+@count.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+count.register_autograd(lambda ctx, grad: grad)
+
+
+def counted(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor]:
+    return (count(x).sin() * y,)
+
+
+def inputs(device: str, dtype: torch.dtype = torch.float32, requires_grad: bool = True,
+           n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, generator=gen, dtype=dtype).to(device).requires_grad_(requires_grad)
+    y = torch.randn(n, generator=gen, dtype=dtype).to(device).requires_grad_(requires_grad)
+    return x, y
+
+
+def grads_of(fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> tuple[torch.Tensor, list[Any]]:
+    args = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
+    out = fn(*args)
+    out.sum().backward()
+    return out.detach(), [a.grad for a in args]
+
+
+def normalize(code: str) -> str:
+    return re.sub(r"\n\s*\n", "\n", code).strip()
+
+
+# ---------------------------------------------------------------------------
+# eager
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_eager_matches_subgraph(device: str, grad: bool) -> None:
+    x, y = inputs(device)
+    with torch.set_grad_enabled(grad):
+        out = invoke_quant(G, x, y, scheme="nf4")
+        ref = g(x, y)
+    assert isinstance(out, tuple) and len(out) == 1
+    torch.testing.assert_close(out[0], ref[0])
+    assert out[0].requires_grad == grad
+
+
+def test_eager_backward_matches(device: str) -> None:
+    out, grads = grads_of(lambda a, b: invoke_quant(G, a, b, scheme="nf4")[0], *inputs(device))
+    ref, ref_grads = grads_of(lambda a, b: g(a, b)[0], *inputs(device))
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_partial_requires_grad_and_single_tensor_output(device: str) -> None:
+    x, _ = inputs(device)
+    y = torch.randn(4, device=device)  # no grad
+    single = hopkit.FunctionWithNoFreeVars(lambda a, b: (a * b).cos())
+    out = invoke_quant(single, x, y)
+    assert isinstance(out, torch.Tensor)
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, -(x * y).sin().detach() * y)
+    assert y.grad is None
+
+
+def test_outputs_that_do_not_need_grad_are_not_differentiable() -> None:
+    x = torch.randn(4, requires_grad=True)
+    y = torch.randn(4)
+    two = hopkit.FunctionWithNoFreeVars(lambda a, b: (a * 2, b + 1))
+    a, b = invoke_quant(two, x, y)
+    assert a.requires_grad and not b.requires_grad
+
+
+def test_eager_training_traces_the_joint_graph_once() -> None:
+    joint_graph_cache_info(clear=True)
+    x, y = inputs("cpu")
+    for _ in range(5):
+        # A fresh wrapper every step, as user code naturally writes it.
+        out = invoke_quant(hopkit.FunctionWithNoFreeVars(g), x, y, scheme="nf4")[0]
+        out.sum().backward()
+    info = joint_graph_cache_info()
+    assert (info.misses, info.hits) == (1, 4)
+    # New metadata is a new key; the old one is still cached.
+    x2, y2 = inputs("cpu", n=8)
+    invoke_quant(G, x2, y2)[0].sum().backward()
+    invoke_quant(G, x, y)[0].sum().backward()
+    info = joint_graph_cache_info()
+    assert (info.misses, info.hits) == (2, 5)
+
+
+def test_no_grad_skips_autograd_entirely() -> None:
+    joint_graph_cache_info(clear=True)
+    x, y = inputs("cpu", requires_grad=False)
+    invoke_quant(G, x, y)
+    with torch.no_grad():
+        invoke_quant(G, *inputs("cpu"))
+    assert joint_graph_cache_info() == joint_graph_cache_info().__class__(0, 0)
+
+
+def test_body_runs_exactly_once_per_forward_call() -> None:
+    _calls.clear()
+    body = hopkit.FunctionWithNoFreeVars(counted)
+    x, y = inputs("cpu")
+    for _ in range(5):
+        invoke_quant(body, x, y)[0].sum().backward()
+    assert len(_calls) == 5
+    _calls.clear()
+    with torch.no_grad():
+        invoke_quant(body, x, y)
+    assert len(_calls) == 1
+
+
+def test_gradcheck_and_gradgradcheck() -> None:
+    x, y = inputs("cpu", dtype=torch.float64)
+
+    def fn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return invoke_quant(G, a, b, scheme="nf4")[0]
+
+    assert torch.autograd.gradcheck(fn, (x, y))
+    assert torch.autograd.gradgradcheck(fn, (x, y))
+
+
+def test_eager_mlp_body_gradients() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 16, generator=gen, requires_grad=True)
+    w1 = torch.randn(16, 16, generator=gen, requires_grad=True)
+    w2 = torch.randn(16, 16, generator=gen, requires_grad=True)
+    body = hopkit.FunctionWithNoFreeVars(mlp)
+    out, grads = grads_of(lambda *a: invoke_quant(body, *a)[0], x, w1, w2)
+    ref, ref_grads = grads_of(lambda *a: mlp(*a)[0], x, w1, w2)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------
+# make_fx, FakeTensorMode, functionalize
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tracing_mode", ["real", "fake", "symbolic"])
+def test_make_fx_keeps_one_node(tracing_mode: str, device: str) -> None:
+    x, y = inputs(device, requires_grad=False)
+    gm = make_fx(lambda a, b: invoke_quant(G, a, b, scheme="nf4"), tracing_mode=tracing_mode)(x, y)
+    hop_nodes = gm.graph.find_nodes(op="call_function", target=invoke_quant)
+    assert len(hop_nodes) == 1
+    assert hop_nodes[0].kwargs == {"scheme": "nf4"}
+    assert isinstance(gm.subgraph_0, torch.fx.GraphModule)
+    torch.testing.assert_close(gm(x, y)[0], g(x, y)[0])
+    if tracing_mode == "symbolic" and device == "cpu":
+        assert_expected_inline(normalize(gm.code), """\
+def forward(self, a_1, b_1):
+    subgraph_0 = self.subgraph_0
+    hopkit_test_invoke_quant = torch.ops.higher_order.hopkit_test_invoke_quant(subgraph_0, a_1, b_1, scheme = 'nf4');  subgraph_0 = a_1 = b_1 = None
+    getitem = hopkit_test_invoke_quant[0];  hopkit_test_invoke_quant = None
+    return (getitem,)""")
+        assert_expected_inline(normalize(gm.subgraph_0.code), """\
+def forward(self, arg0_1, arg1_1):
+    sin = torch.ops.aten.sin.default(arg0_1);  arg0_1 = None
+    mul = torch.ops.aten.mul.Tensor(sin, arg1_1);  sin = arg1_1 = None
+    return (mul,)""")
+
+
+def test_fake_tensor_mode_gives_output_metadata(device: str) -> None:
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(3, 5, device=device)
+        y = torch.empty(3, 5, device=device, dtype=torch.float32)
+        (out,) = invoke_quant(G, x, y)
+    assert isinstance(out, FakeTensor)
+    assert out.shape == (3, 5) and out.dtype == torch.float32 and out.device.type == device
+
+
+def test_functionalize_matches_and_traces_one_node(device: str) -> None:
+    x, y = inputs(device, requires_grad=False)
+    fn = torch.func.functionalize(lambda a, b: invoke_quant(G, a, b))
+    torch.testing.assert_close(fn(x, y)[0], g(x, y)[0])
+    gm = make_fx(fn)(x, y)
+    assert len(gm.graph.find_nodes(op="call_function", target=invoke_quant)) == 1
+
+
+def test_make_fx_of_backward_keeps_hop_nodes() -> None:
+    x, y = inputs("cpu")
+
+    def train_step(a: torch.Tensor, b: torch.Tensor) -> Any:
+        out = invoke_quant(G, a, b, scheme="nf4")[0]
+        return torch.autograd.grad(out.sum(), (a, b))
+
+    gm = make_fx(train_step, tracing_mode="fake")(x, y)
+    assert len(gm.graph.find_nodes(op="call_function", target=invoke_quant)) == 2
+    ref = torch.autograd.grad(g(x, y)[0].sum(), (x, y))
+    for a, b in zip(gm(x, y), ref):
+        torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------
+# torch.compile
+# ---------------------------------------------------------------------------
+
+
+def f(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return invoke_quant(g, x, y, scheme="nf4")[0].relu() + 1
+
+
+def f_ref(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return g(x, y)[0].relu() + 1
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "infer"])
+def test_compile_matches_eager(backend: str, device: str, grad: bool) -> None:
+    x, y = inputs(device, requires_grad=grad)
+    compiled = torch.compile(f, backend=backend, fullgraph=True)
+    if grad:
+        out, grads = grads_of(compiled, x, y)
+        ref, ref_grads = grads_of(f_ref, x, y)
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b)
+    else:
+        out, ref = compiled(x, y), f_ref(x, y)
+    torch.testing.assert_close(out, ref)
+
+
+def test_compile_dynamic_shapes(backend: str) -> None:
+    compiled = torch.compile(f, backend=backend, fullgraph=True, dynamic=True)
+    for n in (3, 5, 7):
+        x, y = inputs("cpu", n=n)
+        out, grads = grads_of(compiled, x, y)
+        ref, ref_grads = grads_of(f_ref, x, y)
+        torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(grads[0], ref_grads[0])
+
+
+def test_dynamo_graph_has_one_hop_node() -> None:
+    backend = EagerAndRecordGraphs()
+    torch.compile(f, backend=backend, fullgraph=True)(*inputs("cpu"))
+    (gm,) = backend.graphs
+    assert_expected_inline(normalize(gm.code), """\
+def forward(self, L_x_ : torch.Tensor, L_y_ : torch.Tensor):
+    l_x_ = L_x_
+    l_y_ = L_y_
+    subgraph_0 = self.subgraph_0
+    hopkit_test_invoke_quant = torch.ops.higher_order.hopkit_test_invoke_quant(subgraph_0, l_x_, l_y_, scheme = 'nf4');  subgraph_0 = l_x_ = l_y_ = None
+    getitem = hopkit_test_invoke_quant[0];  hopkit_test_invoke_quant = None
+    relu = getitem.relu();  getitem = None
+    add = relu + 1;  relu = None
+    return (add,)""")
+
+
+def test_aot_graphs_have_one_hop_node_each_way() -> None:
+    backend = AotEagerAndRecordGraphs()
+    x, y = inputs("cpu")
+    torch.compile(f, backend=backend, fullgraph=True)(x, y).sum().backward()
+    (fw,), (bw,) = backend.fw_graphs, backend.bw_graphs
+    assert len(fw.graph.find_nodes(op="call_function", target=invoke_quant)) == 1
+    assert len(bw.graph.find_nodes(op="call_function", target=invoke_quant)) == 1
+    assert_expected_inline(normalize(fw.code), """\
+def forward(self, primals_1, primals_2):
+    subgraph_0 = self.subgraph_0
+    hopkit_test_invoke_quant = torch.ops.higher_order.hopkit_test_invoke_quant(subgraph_0, primals_1, primals_2, scheme = 'nf4');  subgraph_0 = None
+    getitem = hopkit_test_invoke_quant[0]
+    getitem_1 = hopkit_test_invoke_quant[1];  hopkit_test_invoke_quant = None
+    relu = torch.ops.aten.relu.default(getitem);  getitem = None
+    detach = torch.ops.aten.detach.default(relu)
+    add = torch.ops.aten.add.Tensor(relu, 1);  relu = None
+    detach_1 = torch.ops.aten.detach.default(detach);  detach = None
+    return (add, primals_1, primals_2, getitem_1, detach_1)""")
+    # The forward subgraph is the body plus what backward needs (sin(x));
+    # the operands themselves are not returned, the caller already holds them.
+    assert_expected_inline(normalize(fw.subgraph_0.code), """\
+def forward(self, arg0_1, arg1_1):
+    sin = torch.ops.aten.sin.default(arg0_1);  arg0_1 = None
+    mul = torch.ops.aten.mul.Tensor(sin, arg1_1);  arg1_1 = None
+    return (mul, sin)""")
+    # Backward takes the saved activation and does not recompute the forward.
+    assert_expected_inline(normalize(bw.code), """\
+def forward(self, primals_1, primals_2, getitem_1, detach_1, tangents_1):
+    threshold_backward = torch.ops.aten.threshold_backward.default(tangents_1, detach_1, 0);  tangents_1 = detach_1 = None
+    subgraph_1 = self.subgraph_1
+    hopkit_test_invoke_quant_1 = torch.ops.higher_order.hopkit_test_invoke_quant(subgraph_1, primals_1, primals_2, getitem_1, threshold_backward, scheme = 'nf4');  subgraph_1 = primals_1 = primals_2 = getitem_1 = threshold_backward = None
+    getitem_2 = hopkit_test_invoke_quant_1[0]
+    getitem_3 = hopkit_test_invoke_quant_1[1];  hopkit_test_invoke_quant_1 = None
+    return (getitem_2, getitem_3)""")
+    assert_expected_inline(normalize(bw.subgraph_1.code), """\
+def forward(self, arg0_1, arg1_1, arg2_1, arg3_1):
+    mul = torch.ops.aten.mul.Tensor(arg3_1, arg2_1);  arg2_1 = None
+    mul_1 = torch.ops.aten.mul.Tensor(arg3_1, arg1_1);  arg3_1 = arg1_1 = None
+    cos = torch.ops.aten.cos.default(arg0_1);  arg0_1 = None
+    mul_2 = torch.ops.aten.mul.Tensor(mul_1, cos);  mul_1 = cos = None
+    return (mul_2, mul)""")
+
+
+def test_inductor_post_grad_pass_sees_the_node_and_its_kwargs() -> None:
+    seen: list[dict[str, Any]] = []
+
+    def pre_pass(graph: torch.fx.Graph) -> None:
+        for node in graph.find_nodes(op="call_function", target=invoke_quant):
+            seen.append(dict(node.kwargs))
+
+    with torch._inductor.config.patch(post_grad_custom_pre_pass=pre_pass):
+        out = torch.compile(f, backend="inductor", fullgraph=True)(*inputs("cpu", requires_grad=False))
+    assert seen == [{"scheme": "nf4"}]
+    torch.testing.assert_close(out, f_ref(*inputs("cpu", requires_grad=False)))
+
+
+def test_compile_training_many_steps_does_not_recompile() -> None:
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(f, backend=counter, fullgraph=True)
+    x, y = inputs("cpu")
+    for _ in range(3):
+        compiled(x, y).sum().backward()
+    assert counter.frame_count == 1
+
+
+# ---------------------------------------------------------------------------
+# torch.export
+# ---------------------------------------------------------------------------
+
+
+class Model(torch.nn.Module):
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> Any:
+        return invoke_quant(G, x, y, scheme="nf4")
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "non_strict"])
+def test_export_keeps_one_node(strict: bool, device: str) -> None:
+    x, y = inputs(device, requires_grad=False)
+    ep = torch.export.export(Model(), (x, y), strict=strict)
+    for program in (ep, ep.run_decompositions()):
+        nodes = program.graph.find_nodes(op="call_function", target=invoke_quant)
+        assert len(nodes) == 1 and nodes[0].kwargs == {"scheme": "nf4"}
+    a, b = inputs(device, requires_grad=False, n=4)
+    torch.testing.assert_close(ep.module()(a, b)[0], g(a, b)[0])
+    torch.testing.assert_close(ep.run_decompositions().module()(a, b)[0], g(a, b)[0])
+
+
+def test_export_graph() -> None:
+    ep = torch.export.export(Model(), inputs("cpu", requires_grad=False), strict=True)
+    assert_expected_inline(normalize(ep.graph_module.code), """\
+def forward(self, x, y):
+    subgraph_0 = self.subgraph_0
+    hopkit_test_invoke_quant = torch.ops.higher_order.hopkit_test_invoke_quant(subgraph_0, x, y, scheme = 'nf4');  subgraph_0 = x = y = None
+    getitem = hopkit_test_invoke_quant[0];  hopkit_test_invoke_quant = None
+    return (getitem,)""")
+
+
+# ---------------------------------------------------------------------------
+# Input mutation (also through a view of an operand)
+# ---------------------------------------------------------------------------
+
+
+def mutate(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor]:
+    x.add_(1)
+    return (x * y,)
+
+
+def mutate_view(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor]:
+    x[0].mul_(2)
+    x.t()[1].add_(3)
+    return (x * y,)
+
+
+MUTATORS = [pytest.param(mutate, id="in_place"), pytest.param(mutate_view, id="through_view")]
+
+
+def _mutation_case(body: Callable[..., Any], device: str) -> tuple[Any, ...]:
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 3, generator=gen).to(device)
+    y = torch.randn(3, 3, generator=gen).to(device)
+    x_ref = x0.clone()
+    ref = body(x_ref, y)[0]
+    return x0, y, x_ref, ref
+
+
+@pytest.mark.parametrize("body", MUTATORS)
+def test_mutation_eager_and_functionalize(body: Callable[..., Any], device: str) -> None:
+    x0, y, x_ref, ref = _mutation_case(body, device)
+    wrapped = hopkit.FunctionWithNoFreeVars(body)
+    x = x0.clone()
+    torch.testing.assert_close(invoke_quant(wrapped, x, y)[0], ref)
+    torch.testing.assert_close(x, x_ref)
+    x = x0.clone()
+    out = torch.func.functionalize(lambda a, b: invoke_quant(wrapped, a, b))(x, y)
+    torch.testing.assert_close(out[0], ref)
+    torch.testing.assert_close(x, x_ref)
+
+
+@pytest.mark.parametrize("body", MUTATORS)
+def test_mutation_compiled(body: Callable[..., Any], backend: str, device: str) -> None:
+    x0, y, x_ref, ref = _mutation_case(body, device)
+    x = x0.clone()
+    out = torch.compile(lambda a, b: invoke_quant(body, a, b)[0] + 1, backend=backend,
+                        fullgraph=True)(x, y)
+    torch.testing.assert_close(out, ref + 1)
+    torch.testing.assert_close(x, x_ref)
+
+
+def test_mutation_of_an_operand_that_is_a_view_of_the_callers_tensor(backend: str) -> None:
+    base = torch.zeros(3, 4)
+    ref = torch.zeros(3, 4)
+    ref[1] += 1
+
+    def fn(b: torch.Tensor) -> torch.Tensor:
+        return invoke_quant(lambda v: (v.add_(1) * 2,), b[1])[0]
+
+    out = torch.compile(fn, backend=backend, fullgraph=True)(base)
+    torch.testing.assert_close(base, ref)
+    torch.testing.assert_close(out, torch.full((4,), 2.0))
+
+
+def test_mutation_graph_is_functional_with_a_copy_epilogue() -> None:
+    x0, y, _, _ = _mutation_case(mutate, "cpu")
+    wrapped = hopkit.FunctionWithNoFreeVars(mutate)
+    gm = make_fx(torch.func.functionalize(lambda a, b: invoke_quant(wrapped, a, b)))(x0, y)
+    assert_expected_inline(normalize(gm.code), """\
+def forward(self, a_1, b_1):
+    subgraph_0 = self.subgraph_0
+    hopkit_test_invoke_quant = torch.ops.higher_order.hopkit_test_invoke_quant(subgraph_0, a_1, b_1);  subgraph_0 = b_1 = None
+    getitem = hopkit_test_invoke_quant[0]
+    getitem_1 = hopkit_test_invoke_quant[1];  hopkit_test_invoke_quant = None
+    copy_ = torch.ops.aten.copy_.default(a_1, getitem_1);  a_1 = getitem_1 = copy_ = None
+    return (getitem,)""")
+    assert_expected_inline(normalize(gm.subgraph_0.code), """\
+def forward(self, arg0_1, arg1_1):
+    add = torch.ops.aten.add.Tensor(arg0_1, 1)
+    mul = torch.ops.aten.mul.Tensor(add, arg1_1);  arg1_1 = None
+    copy_ = torch.ops.aten.copy_.default(arg0_1, add);  arg0_1 = copy_ = None
+    return (mul, add)""")
+
+
+def test_mutation_with_grad_on_other_operands() -> None:
+    gen = torch.Generator().manual_seed(0)
+    buf = torch.randn(4, generator=gen)
+    w = torch.randn(4, generator=gen, requires_grad=True)
+    ref_buf = buf.clone()
+    ref_out = mutate(ref_buf, w)[0]
+    out = invoke_quant(hopkit.FunctionWithNoFreeVars(mutate), buf, w)[0]
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(buf, ref_buf)
+    (grad,) = torch.autograd.grad(out.sum(), w)
+    torch.testing.assert_close(grad, ref_buf)
+
+
+# ---------------------------------------------------------------------------
+# gen_schema
+# ---------------------------------------------------------------------------
+
+
+def test_gen_schema() -> None:
+    x, y = inputs("cpu", requires_grad=False)
+    assert_expected_inline(str(invoke_quant.gen_schema(G, x, y, scheme="nf4")), """\
+hopkit_test_invoke_quant(Any subgraph, Tensor arg0, Tensor arg1, *, str scheme="nf4") -> ((Tensor))""")
+    mutating = hopkit.FunctionWithNoFreeVars(mutate)
+    assert_expected_inline(str(invoke_quant.gen_schema(mutating, x.clone(), y, scheme="nf4")), """\
+hopkit_test_invoke_quant(Any subgraph, Tensor(a1!) arg0, Tensor arg1, *, str scheme="nf4") -> ((Tensor))""")
+    # gen_schema traces with fake tensors: the caller's tensors are untouched.
+    x_before = x.clone()
+    invoke_quant.gen_schema(mutating, x, y)
+    torch.testing.assert_close(x, x_before)
+
+
+# ---------------------------------------------------------------------------
+# Subclass hooks: leading configuration and a subgraph context
+# ---------------------------------------------------------------------------
+
+
+class RunInDtype(hopkit.BaseHOP):
+    """A toy HOP: ``run_in_dtype(dtype, subgraph, *operands)`` runs the body
+    with the default dtype set, so factory calls inside it follow ``dtype``."""
+
+    leading_config = ("dtype",)
+
+    def __init__(self) -> None:
+        super().__init__("hopkit_test_run_in_dtype")
+
+    def subgraph_context(self, config: dict[str, Any]) -> Any:
+        return _default_dtype(config["dtype"])
+
+
+class _default_dtype:
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def __enter__(self) -> None:
+        self.saved = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_default_dtype(self.saved)
+
+
+run_in_dtype = RunInDtype()
+
+
+def add_ones(x: torch.Tensor) -> tuple[torch.Tensor]:
+    return (x + torch.ones(x.shape),)
+
+
+def test_leading_config_and_context_in_every_rule(backend: str) -> None:
+    body = hopkit.FunctionWithNoFreeVars(add_ones)
+    x = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    (out,) = run_in_dtype(torch.float64, body, x)
+    assert out.dtype == torch.float64
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(3, dtype=torch.float64))
+    gm = make_fx(lambda a: run_in_dtype(torch.float64, body, a), tracing_mode="fake")(x.detach())
+    (node,) = gm.graph.find_nodes(op="call_function", target=run_in_dtype)
+    assert node.args[0] == torch.float64 and isinstance(node.args[1], torch.fx.Node)
+    compiled = torch.compile(lambda a: run_in_dtype(torch.float64, add_ones, a)[0],
+                             backend=backend, fullgraph=True)
+    assert compiled(x.detach()).dtype == torch.float64
+
+
+# ---------------------------------------------------------------------------
+# Errors for bad input
+# ---------------------------------------------------------------------------
+
+
+def error_of(fn: Callable[[], Any], exc: type[BaseException] = Exception) -> str:
+    with pytest.raises(exc) as info:
+        fn()
+    return str(info.value)
+
+
+def test_error_subgraph_type_outside_compile() -> None:
+    x, y = inputs("cpu")
+    assert_expected_inline(error_of(lambda: invoke_quant(g, x, y), RuntimeError), """\
+hopkit: hopkit_test_invoke_quant was called outside torch.compile with a subgraph of type function, which it cannot trace safely. Outside torch.compile the subgraph must be a torch.fx.GraphModule or a hopkit.FunctionWithNoFreeVars: wrap your function as hopkit.FunctionWithNoFreeVars(fn) (it must not read free variables; pass them as operands), or call the HOP inside torch.compile.""")
+
+
+def test_error_missing_subgraph() -> None:
+    assert_expected_inline(error_of(lambda: invoke_quant(), TypeError), """\
+hopkit: hopkit_test_invoke_quant expects (subgraph, *operands, **config), but got no subgraph; pass a torch.fx.GraphModule or a hopkit.FunctionWithNoFreeVars first.""")
+    assert_expected_inline(error_of(lambda: run_in_dtype(torch.float32), TypeError), """\
+hopkit: hopkit_test_run_in_dtype expects (dtype, subgraph, *operands), but got 1 positional argument(s); pass the subgraph after 1 configuration argument(s).""")
+
+
+def test_error_function_wrapper_needs_a_callable() -> None:
+    assert_expected_inline(error_of(lambda: hopkit.FunctionWithNoFreeVars(3), TypeError), """\
+hopkit: FunctionWithNoFreeVars expects a callable, but got int; pass the function that computes the subgraph, e.g. FunctionWithNoFreeVars(lambda x: (x.sin(),)).""")
+
+
+def test_error_name_clash_with_torch_hop() -> None:
+    class Clash(hopkit.BaseHOP):
+        def __init__(self) -> None:
+            super().__init__("cond")
+
+    msg = error_of(Clash, ValueError)
+    assert_expected_inline(msg, """hopkit: the HOP name 'cond' is already taken by torch._higher_order_ops.cond.CondOp (torch.ops.higher_order.cond); give test_base_hop.test_error_name_clash_with_torch_hop.<locals>.Clash another name, e.g. a prefix for your project.""")
+    # Nothing was registered: torch's cond is still torch's.
+    assert type(torch.ops.higher_order.cond).__name__ == "CondOp"
+
+
+def test_error_name_clash_with_another_class_but_reload_is_allowed() -> None:
+    class Other(hopkit.BaseHOP):
+        def __init__(self) -> None:
+            super().__init__("hopkit_test_invoke_quant")
+
+    assert f"already taken by {__name__}.InvokeQuant" in error_of(Other, ValueError)
+    again = InvokeQuant()  # the same class again, as a module reload does
+    assert torch.ops.higher_order.hopkit_test_invoke_quant is again
+    globals()["invoke_quant"] = again
+
+
+def test_error_bad_name() -> None:
+    class Bad(hopkit.BaseHOP):
+        def __init__(self) -> None:
+            super().__init__("not a name")
+
+    assert_expected_inline(error_of(Bad, ValueError), """\
+hopkit: a HOP name must be a Python identifier (it becomes torch.ops.higher_order.<name>), but got 'not a name'; pick a name like 'my_invoke_quant'.""")
+
+
+def test_error_output_aliases_operand() -> None:
+    x = torch.randn(4)
+    identity = hopkit.FunctionWithNoFreeVars(lambda a: (a[:2],))
+    assert_expected_inline(error_of(lambda: invoke_quant(identity, x), RuntimeError), """\
+hopkit: hopkit_test_invoke_quant's subgraph returned output 0, which aliases operand 0 (they share storage). A HOP's outputs must be fresh tensors, or functionalization and compilation cannot keep the aliasing correct; return a copy instead (e.g. x.clone() rather than x or a view of x).""")
+    # The same refusal under tracing, never a silent wrong answer.
+    with pytest.raises(RuntimeError, match="aliases operand 0"):
+        make_fx(lambda a: invoke_quant(identity, a), tracing_mode="fake")(x)
+
+
+def test_error_outputs_alias_each_other() -> None:
+    twice = hopkit.FunctionWithNoFreeVars(lambda a: (a * 2, ) * 2)
+    assert_expected_inline(error_of(lambda: invoke_quant(twice, torch.randn(3)), RuntimeError), """\
+hopkit: hopkit_test_invoke_quant's subgraph returned output 1, which aliases output 0 (they share storage). A HOP's outputs must be fresh tensors, or functionalization and compilation cannot keep the aliasing correct; return a copy instead (e.g. x.clone() rather than x or a view of x).""")
+
+
+def test_error_non_tensor_output_under_autograd() -> None:
+    bad = hopkit.FunctionWithNoFreeVars(lambda a: (a * 2, 3))
+    assert_expected_inline(error_of(lambda: invoke_quant(bad, torch.randn(3, requires_grad=True)), RuntimeError), """\
+hopkit: hopkit_test_invoke_quant's subgraph must return a Tensor or a tuple/list of Tensors, but output 1 is a int; return tensors (wrap Python numbers with torch.tensor) and keep other values out of the HOP.""")
+
+
+def test_error_mutating_an_operand_that_requires_grad() -> None:
+    w = torch.randn(4, requires_grad=True)
+    body = hopkit.FunctionWithNoFreeVars(mutate)
+    assert_expected_inline(error_of(lambda: invoke_quant(body, w, torch.randn(4)), RuntimeError), """a leaf Variable that requires grad is being used in an in-place operation.""")
+
+
+def test_error_metadata_mutation_under_functionalization() -> None:
+    body = hopkit.FunctionWithNoFreeVars(lambda a: (a.t_() * 1,))
+    msg = error_of(lambda: torch.func.functionalize(lambda a: invoke_quant(body, a))(torch.randn(2, 3)),
+                   RuntimeError)
+    assert msg.startswith("hopkit: hopkit_test_invoke_quant's subgraph changes the shape or strides of operand 0")
+
+
+def test_import_hopkit_stays_lean() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, hopkit; "
+            "print(any(m.startswith(('torch._inductor', 'torch._dynamo.variables')) for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.fixture(autouse=True)
+def _restore_default_dtype() -> Iterator[None]:
+    dtype = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(dtype)
