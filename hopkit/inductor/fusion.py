@@ -1,0 +1,215 @@
+"""Lower a HOP whose body is pointwise straight into the surrounding kernel.
+
+    lower_hop_pointwise(hop, subgraph, operands, require=False)
+        -> the body's outputs as fresh, unrealized ir.Pointwise nodes
+           (the structure of the subgraph's output), or None
+
+Called from ``hopkit.BaseHOP``'s Inductor lowering (``base_hop_inductor`` in
+``hopkit/base_hop.py``, through ``hopkit._compat.lower_pointwise_hop``).
+
+NOTE [Pointwise HOP bodies fuse into their neighbours]
+Inlining a HOP's body op by op (``GraphLowering.run_node`` over its nodes)
+already lets Inductor fuse it, but through the scheduler: each node is lowered
+as if it stood in the outer graph. Lowering the whole body with
+``PointwiseSubgraphLowering`` instead gives one unrealized ``ir.Pointwise`` per
+output whose inner function *is* the body, so ``relu(hop(g, x)) + 1`` or
+``hop(g, x).sum()`` read the body's values straight from the consumer's loop:
+one kernel, no buffer for the HOP's outputs, exactly what the inline chain
+compiles to. A body is "pointwise" when lowering it creates no buffer; what
+fails (a reduction, a matmul, a mutation, an op with no lowering) is named in
+the error (``require=True``) or logged to ``hopkit.inductor`` before the
+caller inlines the body op by op (``require=False``). A failed attempt leaves
+the surrounding graph as it was (see ``PointwiseSubgraphLowering.run``).
+
+Each output is re-wrapped in a fresh ``ir.Pointwise`` whose dtype, device and
+size come from the subgraph output node's ``meta["val"]`` (checked against
+the lowering; size-1 dimensions and missing leading dimensions of the lowered
+value are broadcast), so an output never aliases an operand or another
+output, as a HOP's outputs must not.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import sympy
+import torch
+import torch.fx
+from torch._inductor import ir
+from torch._inductor.virtualized import V, ops
+
+from hopkit.inductor.subgraph_lowering import (
+    PointwiseSubgraphLowering,
+    SubgraphLoweringException,
+    _current_graph,
+    op_name,
+)
+
+__all__ = ["lower_hop_pointwise"]
+
+log = logging.getLogger("hopkit.inductor")
+
+
+def lower_hop_pointwise(
+    hop: object,
+    subgraph: ir.Subgraph | torch.fx.GraphModule,
+    operands: Sequence[Any],
+    *,
+    require: bool = False,
+) -> Any:
+    """Lower a HOP call whose body is pointwise into the surrounding kernel.
+
+    Contract: call it from the HOP's Inductor lowering, with ``V.graph`` the
+    graph being lowered. ``hop`` names the HOP in messages (a
+    ``HigherOrderOperator``, a string, or None); ``subgraph`` is the body (the
+    ``ir.Subgraph`` Inductor passes to lowerings, or its ``GraphModule``);
+    ``operands`` are the body's inputs as the lowering received them
+    (``TensorBox``, ``int``, ``sympy.Expr``). Returns what inlining the body
+    would return (the output node's value: a tuple, a list or a single value)
+    with every tensor output a fresh, unrealized ``ir.Pointwise`` in a
+    ``TensorBox`` and non-tensor outputs (sizes) passed through. When the
+    body cannot be lowered without a buffer it returns None, having logged
+    the reason, so the caller can inline the body op by op; with
+    ``require=True`` it raises ``SubgraphLoweringException`` naming the HOP
+    and the op instead. Either way the surrounding graph is left unchanged.
+    """
+    root = _current_graph("lower_hop_pointwise")
+    gm = subgraph.graph_module if isinstance(subgraph, ir.Subgraph) else subgraph
+    what = _hop_description(hop)
+    try:
+        lowering = PointwiseSubgraphLowering(gm, root_graph_lowering=root)
+        lowering.run(*operands)
+        assert lowering.graph_outputs is not None  # set by run, or it raised
+        (output_node,) = gm.graph.find_nodes(op="output")
+        value = output_node.args[0]
+        out_nodes = list(value) if isinstance(value, (list, tuple)) else [value]
+        fresh = [
+            _fresh_output(out, node, i)
+            for i, (out, node) in enumerate(zip(lowering.graph_outputs, out_nodes))
+        ]
+    except SubgraphLoweringException as e:
+        if require:
+            raise SubgraphLoweringException(
+                f"hopkit: {what} requires its body to fuse into the surrounding "
+                f"kernel, but {_cause(e)}. Move that op out of the body, or let "
+                "the HOP lower its body op by op (BaseHOP.inductor_mode = 'auto').",
+                reason=e.reason,
+                op=e.op,
+                node=e.node,
+                problem=e.problem,
+            ) from e
+        log.info("hopkit: lowering the body of %s op by op: %s", what, _cause(e))
+        return None
+    if isinstance(value, (list, tuple)):
+        return type(value)(fresh)
+    return fresh[0]
+
+
+def _hop_description(hop: object) -> str:
+    if hop is None:
+        return "the HOP"
+    if isinstance(hop, str):
+        return hop
+    return op_name(hop)
+
+
+def _cause(e: SubgraphLoweringException) -> str:
+    """What stopped the fusion, as a clause."""
+    if e.problem is not None:
+        what = op_name(e.op) if e.op is not None else "node"
+        where = f" (node '{e.node}')" if e.node is not None else ""
+        return f"{what}{where} in it cannot be fused: {e.problem}"
+    message = str(e)
+    return message[len("hopkit: "):] if message.startswith("hopkit: ") else message
+
+
+def _fresh_output(out: Any, node: Any, index: int) -> Any:
+    """``out`` as a new Pointwise with the metadata of ``node.meta["val"]``."""
+    if not isinstance(out, ir.IRNode):
+        return out  # an int / sympy size or a None output
+    if not hasattr(out, "make_loader"):
+        raise SubgraphLoweringException(
+            f"hopkit: output {index} of the subgraph lowers to "
+            f"{type(out).__name__}, which cannot be read from a pointwise kernel.",
+            reason="output",
+        )
+    where = f"output {index}" + (
+        f" (node '{node.name}')" if isinstance(node, torch.fx.Node) else ""
+    )
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    src_dtype = out.get_dtype()
+    lowered_size = list(out.get_size())
+    device: torch.device | None
+    if isinstance(val, torch.Tensor):
+        dtype, device = val.dtype, val.device
+        size = [_as_expr(s) for s in val.shape]
+        if out.get_device() is not None and out.get_device() != device:
+            raise SubgraphLoweringException(
+                f"hopkit: {where} of the subgraph is on {device}, but its lowering "
+                f"is on {out.get_device()}.",
+                reason="output",
+            )
+    else:
+        dtype, device, size = src_dtype, out.get_device(), lowered_size
+    if device is None:
+        raise SubgraphLoweringException(
+            f"hopkit: {where} of the subgraph has no device.", reason="output"
+        )
+    index_map = _broadcast_index_map(lowered_size, size, where)
+    # Keep Inductor's form of each size where the two agree.
+    ranges = [
+        lowered_size[j] if j is not None and not broadcast else s
+        for s, (j, broadcast) in zip(size, index_map)
+    ]
+    loader = out.make_loader()
+
+    def inner_fn(index: Sequence[sympy.Expr]) -> Any:
+        src_index: list[Any] = [sympy.S.Zero] * len(lowered_size)
+        for i, (j, broadcast) in zip(index, index_map):
+            if j is not None:
+                src_index[j] = sympy.S.Zero if broadcast else i
+        value = loader(src_index)
+        if src_dtype != dtype:
+            value = ops.to_dtype(value, dtype, src_dtype=src_dtype)
+        return value
+
+    return ir.Pointwise.create(device=device, dtype=dtype, inner_fn=inner_fn, ranges=ranges)
+
+
+def _as_expr(s: Any) -> sympy.Expr:
+    if isinstance(s, torch.SymInt):
+        return V.graph.sizevars.simplify(s.node.expr)
+    return sympy.Integer(int(s))
+
+
+def _broadcast_index_map(
+    lowered: list[Any], wanted: list[Any], where: str
+) -> list[tuple[int | None, bool]]:
+    """For each dimension of ``wanted``: the dimension of ``lowered`` it reads
+    (None for a missing leading dimension) and whether that one is broadcast."""
+    sizevars = V.graph.sizevars
+    offset = len(wanted) - len(lowered)
+    if offset < 0:
+        raise SubgraphLoweringException(
+            f"hopkit: {where} of the subgraph has size {wanted}, but its lowering "
+            f"has size {lowered}.",
+            reason="output",
+        )
+    out: list[tuple[int | None, bool]] = []
+    for d, want in enumerate(wanted):
+        j = d - offset
+        if j < 0:
+            out.append((None, False))
+        elif sizevars.statically_known_equals(lowered[j], want):
+            out.append((j, False))
+        elif sizevars.statically_known_equals(lowered[j], 1):
+            out.append((j, True))
+        else:
+            raise SubgraphLoweringException(
+                f"hopkit: {where} of the subgraph has size {wanted}, but its "
+                f"lowering has size {lowered}.",
+                reason="output",
+            )
+    return out
