@@ -49,7 +49,6 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import threading
 import types
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -437,7 +436,6 @@ class _PlanCache:
         self._strong: dict[Any, dict[Any, _AutogradPlan]] = {}
         self.hits = 0
         self.misses = 0
-        self._lock = threading.Lock()
 
     def table(self, owner: Any) -> dict[Any, _AutogradPlan]:
         store: Any = self._strong if isinstance(owner, tuple) else self._weak
