@@ -148,6 +148,7 @@ class ViewMeta:
         "out_index",
         "geometry",
         "_call_kwargs",
+        "_call",
         "_multi",
         "_reverse",
         "_geometry_cache",
@@ -180,6 +181,11 @@ class ViewMeta:
         self.out_index = out_index
         self.geometry = _check_geometry(geometry)
         self._call_kwargs = call_kw
+        # NOTE [Tensor methods for replay]: the Tensor method reaches the same
+        # aten overload as the OpOverload, through the faster unboxed binding.
+        self._call: Callable[..., Any] = (
+            op if call_kw else _TENSOR_METHODS.get(op, op)
+        )
         self._multi = multi
         self._reverse = _REVERSE_RULES.get(op, _reverse_via_as_strided)
         self._geometry_cache: dict[Any, Any] | None = (
@@ -242,7 +248,7 @@ class ViewMeta:
         """Re-apply the view to ``base``; the result shares ``base``'s storage."""
         if self.op is None:
             return self._forward_from_geometry(base, None)
-        out = self.op(base, *self.args, **self._call_kwargs)
+        out = self._call(base, *self.args, **self._call_kwargs)
         if self._multi:
             return out[self.out_index]
         return out
@@ -491,6 +497,8 @@ def _reverse_view_dtype(m: ViewMeta, base: torch.Tensor, mv: torch.Tensor) -> to
 def _reverse_expand(m: ViewMeta, base: torch.Tensor, mv: torch.Tensor) -> torch.Tensor:
     # As torch's expand_inverse (ViewOrScatterInverse): every broadcast copy's
     # change is added to the element it copies.
+    if mv.shape == base.shape:
+        return mv  # nothing was broadcast: the view is the base
     return base + (mv - base).sum_to_size(base.shape)
 
 
@@ -657,6 +665,32 @@ _GEOMETRY_ONLY_OPS: frozenset[OpOverload] = frozenset(
         aten.diagonal.default,
     }
 )
+
+
+# NOTE [Tensor methods for replay]
+#     ``torch.ops.aten.select.int(t, 0, 1)`` goes through the boxed
+#     OpOverload call path; ``torch.Tensor.select(t, 0, 1)`` reaches the same
+#     aten overload through the generated unboxed binding, about twice as
+#     fast. Only methods that dispatch to exactly the overload (a test checks
+#     each under a dispatch mode) are listed; a tensor subclass or
+#     torch-function mode sees the method call, as it would in user code.
+_TENSOR_METHODS: dict[OpOverload, Callable[..., Any]] = {
+    aten.select.int: torch.Tensor.select,
+    aten.transpose.int: torch.Tensor.transpose,
+    aten.t.default: torch.Tensor.t,
+    aten.permute.default: torch.Tensor.permute,
+    aten.unsqueeze.default: torch.Tensor.unsqueeze,
+    aten.squeeze.default: torch.Tensor.squeeze,
+    aten.squeeze.dim: torch.Tensor.squeeze,
+    aten.squeeze.dims: torch.Tensor.squeeze,
+    aten.view.default: torch.Tensor.view,
+    aten.expand.default: torch.Tensor.expand,
+    aten.diagonal.default: torch.Tensor.diagonal,
+    aten.as_strided.default: torch.Tensor.as_strided,
+    aten.unbind.int: torch.Tensor.unbind,
+    aten.unfold.default: torch.Tensor.unfold,
+    aten.split_with_sizes.default: torch.Tensor.split_with_sizes,
+}
 
 
 # ---------------------------------------------------------------------------
@@ -955,6 +989,7 @@ def _unpickle_view_meta(
     meta.out_index = out_index
     meta.geometry = geometry
     meta._call_kwargs = {}
+    meta._call = meta._forward_from_geometry
     meta._multi = out_index is not None
     meta._reverse = _reverse_via_as_strided
     meta._geometry_cache = None
