@@ -775,6 +775,47 @@ def forward(self, x_1, v_1):
             torch.testing.assert_close(f(xi), want)
 
 
+class TestRecordUnderTransforms(TestCase):
+    # record_view_metas runs on a meta stand-in with the caller's modes off:
+    # same ViewMetas everywhere, and nothing recorded into an enclosing trace.
+    @staticmethod
+    def f(x: torch.Tensor) -> torch.Tensor:
+        metas = record_view_metas(x, lambda t: t[1].narrow(0, 0, 2))
+        return scatter_into_base(x, metas, apply_view_meta_sequence(x, metas) * 2)
+
+    def want(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        out[1, :2] *= 2
+        return out
+
+    def test_functionalize_and_vmap(self) -> None:
+        x = torch.randn(4, 3)
+        torch.testing.assert_close(torch.func.functionalize(self.f)(x), self.want(x))
+        xs = torch.randn(2, 4, 3)
+        torch.testing.assert_close(torch.vmap(self.f)(xs), torch.stack([self.want(t) for t in xs]))
+
+    def test_make_fx_symbolic_records_nothing_extra(self) -> None:
+        gm = make_fx(lambda x: self.f(x), tracing_mode="symbolic")(torch.randn(4, 3))
+        self.assertExpectedInline(
+            gm.code.strip(),
+            """\
+def forward(self, x_1):
+    select = torch.ops.aten.select.int(x_1, 0, 1)
+    slice_1 = torch.ops.aten.slice.Tensor(select, 0, 0, 2);  select = None
+    mul = torch.ops.aten.mul.Tensor(slice_1, 2);  slice_1 = None
+    select_1 = torch.ops.aten.select.int(x_1, 0, 1)
+    slice_2 = torch.ops.aten.slice.Tensor(select_1, 0, 0, 2);  slice_2 = None
+    slice_scatter = torch.ops.aten.slice_scatter.default(select_1, mul, 0, 0, 2);  select_1 = mul = None
+    select_scatter = torch.ops.aten.select_scatter.default(x_1, slice_scatter, 0, 1);  x_1 = slice_scatter = None
+    return select_scatter""",
+        )
+
+    def test_fake(self) -> None:
+        with FakeTensorMode() as mode:
+            metas = record_view_metas(mode.from_tensor(torch.randn(4, 6)), lambda t: t.chunk(3, 1)[1])
+        assert metas == [ViewMeta(aten.split.Tensor, (2, 1), out_index=1, geometry=metas[0].geometry)]
+
+
 def test_geometry_cache_gives_the_same_view() -> None:
     base = torch.randn(8, 6)
     metas = record_view_metas(base, lambda t: t[2:7].t()[1:4].select(1, 2))
@@ -916,7 +957,7 @@ class TestErrors(TestCase):
         self.assertExpectedRaisesInline(
             ValueError,
             lambda: record_view_metas(x, lambda t: t.add_(1)[0]),
-            """hopkit: record_view_metas: fn mutated its argument; it must only take views (record the view first, then mutate through scatter_into_base).""",
+            """hopkit: record_view_metas: fn mutated its argument (with aten.add_.Tensor); it must only take views (record the view first, then mutate through scatter_into_base).""",
         )
 
     def test_from_view(self) -> None:

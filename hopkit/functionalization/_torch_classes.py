@@ -3,17 +3,16 @@
 Torch's classes (``torch._C._functionalization.slice_Tensor_ViewMeta``) are
 built from, and expose through ``as_tuple()``, the tuple
 ``base_ctor_arguments(func) + attributes(func)`` of the naming API in
-:mod:`._naming`; this module uses that layout to convert both ways, and to
-record the views a function takes of its input through torch's own
-functionalization (``get_view_meta_sequence``).
+:mod:`._naming`; this module uses that layout to convert both ways (e.g.
+the sequences torch's functionalization keeps,
+``torch._C._functionalization.get_view_meta_sequence(t)``).
 
-Imported lazily: only conversions and recording need it.
+Imported lazily: only conversions need it.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -132,58 +131,6 @@ def _op_for_classname(name: str) -> OpOverload:
             if classname(torch_schema(op)) == name:
                 return op
     raise ValueError(f"hopkit: no aten operator has the ViewMeta class name {name}.")
-
-
-def record_view_metas(
-    base: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]
-) -> list[ViewMeta]:
-    from hopkit.functionalization._view_meta import ViewGeometry, ViewMeta, _is_alias_of
-
-    if not isinstance(base, torch.Tensor):
-        raise TypeError(
-            f"hopkit: record_view_metas needs a Tensor base, but got {type(base).__name__}."
-        )
-    inner = base.detach()
-    wrapped = torch._to_functional_tensor(inner)
-    torch._enable_functionalization(reapply_views=True)
-    try:
-        out = fn(wrapped)
-    finally:
-        torch._disable_functionalization()
-    if not isinstance(out, torch.Tensor) or not torch._is_functional_tensor(out):
-        raise TypeError(
-            "hopkit: record_view_metas: fn must return a view of its argument, but it "
-            f"returned {type(out).__name__}."
-        )
-    torch._sync(wrapped)
-    if torch._functionalize_has_data_mutation(wrapped):  # type: ignore[attr-defined]
-        raise ValueError(
-            "hopkit: record_view_metas: fn mutated its argument; it must only take "
-            "views (record the view first, then mutate through scatter_into_base)."
-        )
-    result = torch._from_functional_tensor(out)
-    if not _is_alias_of(result, inner):
-        raise ValueError(
-            "hopkit: record_view_metas: fn returned a tensor that is not a view of its "
-            "argument (it was computed, not viewed); use view ops only (slicing, "
-            "select, transpose, view, ...)."
-        )
-    metas = []
-    current = base
-    for torch_meta in _F.get_view_meta_sequence(out):
-        meta = ViewMeta.from_torch(torch_meta)
-        view = meta.forward(current)
-        meta.geometry = ViewGeometry.of(current, view)
-        metas.append(meta)
-        current = view
-    got = (tuple(current.size()), tuple(current.stride()), current.storage_offset())
-    want = (tuple(result.size()), tuple(result.stride()), result.storage_offset())
-    if got != want:
-        raise RuntimeError(
-            f"hopkit: record_view_metas recorded {metas!r}, whose replay gives "
-            f"(sizes, strides, offset) {got} but fn gave {want}; please report this."
-        )
-    return metas
 
 
 def _has_symbolic(values: Any) -> bool:

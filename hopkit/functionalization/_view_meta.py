@@ -408,17 +408,19 @@ def record_view_metas(
 ) -> list[ViewMeta]:
     """The view ops by which ``fn(base)`` views ``base``, as ViewMetas.
 
-    ``fn`` is run once under torch's functionalization on a detached alias of
-    ``base`` (only view ops may touch it), e.g.
     ``record_view_metas(x, lambda t: t[0].t())`` gives
     ``[ViewMeta(aten.select.int, (0, 0)), ViewMeta(aten.t.default, ())]``.
-    Each ViewMeta carries the geometry it had, so replay can fall back to a
-    verified as_strided. Composite views (``chunk``, ``narrow``, indexing)
-    are recorded as the primitive views they decompose into.
+    ``fn`` runs once on a meta-device stand-in with ``base``'s layout and
+    must pick its views from shapes only; it works the same in eager and
+    under fake tensors, make_fx and functionalization, and adds nothing to an
+    enclosing trace. Composite views (``chunk``, ``narrow``, indexing) are
+    recorded as the primitive views they decompose into. Each ViewMeta
+    carries the geometry it had, so replay can fall back to a verified
+    as_strided.
     """
-    from hopkit.functionalization import _torch_classes
+    from hopkit.functionalization._record import record_view_metas as record
 
-    return _torch_classes.record_view_metas(base, fn)
+    return record(base, fn)
 
 
 # ---------------------------------------------------------------------------
