@@ -699,6 +699,36 @@ def test_unpickle_unknown_op_replays_through_verified_as_strided() -> None:
     )
 
 
+def test_from_view_replays_relative_to_the_base_and_verifies_the_layout() -> None:
+    storage = torch.randn(40)
+    base = storage[4:24].view(4, 5)
+    view = base.t()[1:3, ::2]
+    meta = ViewMeta.from_view(base, view)
+    assert meta.op is aten.as_strided.default
+    _same_view(meta.forward(base), view)
+    other = storage[10:30].view(4, 5)  # same layout, another offset
+    _same_view(apply_view_meta_sequence(other, [meta]), other.t()[1:3, ::2])
+    value = torch.randn(2, 2)
+    torch.testing.assert_close(
+        scatter_into_base(other, [meta], value),
+        _eager_write_through(other, lambda t: t.t()[1:3, ::2], value),
+    )
+    with pytest.raises(RuntimeError, match="sizes \\[4, 5\\] and strides \\[5, 1\\]"):
+        meta.forward(torch.randn(5, 4).t())
+    back = pickle.loads(pickle.dumps(meta))
+    _same_view(back.forward(other), other.t()[1:3, ::2])
+
+
+def test_geometry_cache_keeps_conj_and_neg_bits() -> None:
+    metas = [ViewMeta(aten.select.int, (0, 1)), ViewMeta(aten.slice.Tensor, (0, 0, 2))]
+    z = torch.randn(4, 3, dtype=torch.complex64).conj()
+    for _ in range(2):
+        out = apply_view_meta_sequence(z, metas)
+        assert out.is_conj() and torch.equal(out, z[1, :2])
+    n = torch.randn(4, 3)._neg_view()
+    assert apply_view_meta_sequence(n, metas).is_neg()
+
+
 def _custom_view_lib() -> torch.library.Library:
     lib = torch.library.Library("hopkit_test_fz", "FRAGMENT")
     lib.define("mid(Tensor(a) x, int n) -> Tensor(a)")

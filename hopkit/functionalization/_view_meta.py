@@ -63,6 +63,7 @@ __all__ = [
 ]
 
 aten = torch.ops.aten
+_AS_STRIDED = aten.as_strided.default
 IntLike = int | torch.SymInt
 
 
@@ -245,8 +246,14 @@ class ViewMeta:
         return self._multi
 
     def forward(self, base: torch.Tensor) -> torch.Tensor:
-        """Re-apply the view to ``base``; the result shares ``base``'s storage."""
-        if self.op is None:
+        """Re-apply the view to ``base``; the result shares ``base``'s storage.
+
+        An ``as_strided`` ViewMeta that carries a recorded geometry (from
+        :meth:`from_view` or :func:`record_view_metas`) replays relative to
+        ``base`` and only on a base with the recorded sizes and strides,
+        rather than at the absolute storage offset it was recorded with.
+        """
+        if self.op is None or (self.geometry is not None and self.op is _AS_STRIDED):
             return self._forward_from_geometry(base, None)
         out = self._call(base, *self.args, **self._call_kwargs)
         if self._multi:
@@ -272,9 +279,12 @@ class ViewMeta:
     ) -> torch.Tensor:
         """The verified ``as_strided`` reconstruction of this view on ``base``."""
         g = self.geometry
-        why = f"replaying {self._short()} failed ({cause})" if cause is not None else (
-            f"{self.op_name} is not available in this process"
-        )
+        if cause is not None:
+            why = f"replaying {self._short()} failed ({cause})"
+        elif self.op is None:
+            why = f"{self.op_name} is not available in this process"
+        else:
+            why = "a recorded as_strided view replays only on a base with the recorded layout"
         if g is None:
             raise RuntimeError(
                 f"hopkit: {why}, and this ViewMeta has no recorded geometry to fall back "
@@ -452,13 +462,6 @@ def _reverse_diagonal(m: ViewMeta, base: torch.Tensor, mv: torch.Tensor) -> torc
     return aten.diagonal_scatter.default(base, mv, offset, dim1, dim2)
 
 
-def _reverse_as_strided(m: ViewMeta, base: torch.Tensor, mv: torch.Tensor) -> torch.Tensor:
-    size, stride, storage_offset = m.args
-    if storage_offset is None:
-        storage_offset = base.storage_offset()
-    return _as_strided_scatter(m, base, mv, size, stride, storage_offset)
-
-
 def _reverse_transpose(m: ViewMeta, base: torch.Tensor, mv: torch.Tensor) -> torch.Tensor:
     dim0, dim1 = m.args
     return aten.transpose.int(mv, dim0, dim1)
@@ -554,8 +557,8 @@ def _reverse_unbind(m: ViewMeta, base: torch.Tensor, mv: torch.Tensor) -> torch.
 
 
 def _reverse_via_as_strided(m: ViewMeta, base: torch.Tensor, mv: torch.Tensor) -> torch.Tensor:
-    """Any other view: scatter through the geometry the view has on ``base``."""
-    view = m.forward(base) if m.op is not None else m._forward_from_geometry(base, None)
+    """as_strided and any view without a rule: scatter through the view's geometry."""
+    view = m.forward(base)
     if view.dtype != base.dtype or view.is_conj() != base.is_conj() or view.is_neg() != base.is_neg():
         raise ValueError(
             f"hopkit: cannot invert {m!r}: it changes dtype or conj/neg bits "
@@ -599,7 +602,7 @@ _REVERSE_RULES: dict[OpOverload, _ReverseRule] = {
     aten.narrow.default: _reverse_narrow,
     aten.select.int: _reverse_select,
     aten.diagonal.default: _reverse_diagonal,
-    aten.as_strided.default: _reverse_as_strided,
+    aten.as_strided.default: _reverse_via_as_strided,
     aten.transpose.int: _reverse_transpose,
     aten.swapaxes.default: _reverse_transpose,
     aten.swapdims.default: _reverse_transpose,
