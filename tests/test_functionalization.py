@@ -713,7 +713,7 @@ def test_from_view_replays_relative_to_the_base_and_verifies_the_layout() -> Non
         scatter_into_base(other, [meta], value),
         _eager_write_through(other, lambda t: t.t()[1:3, ::2], value),
     )
-    with pytest.raises(RuntimeError, match="sizes \\[4, 5\\] and strides \\[5, 1\\]"):
+    with pytest.raises(RuntimeError, match=re.escape("(sizes [4, 5], strides [5, 1])")):
         meta.forward(torch.randn(5, 4).t())
     back = pickle.loads(pickle.dumps(meta))
     _same_view(back.forward(other), other.t()[1:3, ::2])
@@ -749,7 +749,7 @@ def test_custom_view_op_uses_as_strided_inverse_and_fallback() -> None:
         recorded = meta.recorded(base)
         out = apply_view_meta_sequence(meta_base, [recorded])
         assert (out.shape, out.stride(), out.storage_offset()) == ((2, 3), (3, 1), 3)
-        with pytest.raises(RuntimeError, match="cannot be verified"):
+        with pytest.raises(RuntimeError, match="replays only on a base with the layout"):
             apply_view_meta_sequence(torch.empty(3, 5, device="meta").t(), [recorded])
     finally:
         lib._destroy()
@@ -962,6 +962,34 @@ class TestErrors(TestCase):
             TypeError,
             lambda: ViewMeta(aten.unsqueeze.default, 0),  # type: ignore[arg-type]
             """hopkit: ViewMeta args must be a tuple of aten::unsqueeze.default's arguments after self, but got int; write args=(0,) for one argument.""",
+        )
+
+    def test_geometry_type(self) -> None:
+        x = torch.randn(3, 4)
+        meta = ViewMeta(aten.select.int, (0, 1), geometry=ViewGeometry.of(x, x[1]))
+        assert meta.geometry is not None and meta.geometry.storage_offset == 4
+        self.assertExpectedRaisesInline(
+            TypeError,
+            lambda: ViewMeta(aten.select.int, (0, 1), geometry=(3, 4)),  # type: ignore[arg-type]
+            """hopkit: ViewMeta geometry must be a hopkit.functionalization.ViewGeometry or None, but got tuple; build one with ViewGeometry.of(base, view).""",
+        )
+
+    def test_as_strided_fallback_layout_mismatch(self) -> None:
+        x = torch.randn(4, 5)
+        meta = ViewMeta.from_view(x, x.t()[1:3])
+        self.assertExpectedRaisesInline(
+            RuntimeError,
+            lambda: meta.forward(torch.randn(5, 4).t()),
+            """hopkit: a recorded as_strided view replays only on a base with the layout it was recorded on (sizes [4, 5], strides [5, 1]), but this base has sizes [4, 5] and strides [1, 4]. Replay on a base with the recorded layout (e.g. .contiguous() if the original was contiguous), or record the view with record_view_metas to replay it on any layout.""",
+        )
+
+    def test_inverse_of_dtype_changing_view_without_rule(self) -> None:
+        z = torch.randn(3, dtype=torch.complex64)
+        meta = ViewMeta(aten.real.default)
+        self.assertExpectedRaisesInline(
+            ValueError,
+            lambda: meta.reverse(z, meta.forward(z) * 2),
+            """hopkit: cannot invert ViewMeta(aten.real.default, args=()): it changes dtype or conj/neg bits (torch.complex64 -> torch.float32) and hopkit has no inverse rule for it; express the view with view_as_real/view.dtype/_conj ViewMetas, which do.""",
         )
 
     def test_scatter_into_base_value(self) -> None:

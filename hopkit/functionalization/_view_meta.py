@@ -280,23 +280,24 @@ class ViewMeta:
         """The verified ``as_strided`` reconstruction of this view on ``base``."""
         g = self.geometry
         if cause is not None:
-            why = f"replaying {self._short()} failed ({cause})"
+            why = f"replaying {self._short()} failed ({cause}), and the as_strided fallback"
         elif self.op is None:
-            why = f"{self.op_name} is not available in this process"
+            why = f"{self.op_name} is not available in this process, and the as_strided fallback"
         else:
-            why = "a recorded as_strided view replays only on a base with the recorded layout"
+            why = "a recorded as_strided view"
         if g is None:
             raise RuntimeError(
-                f"hopkit: {why}, and this ViewMeta has no recorded geometry to fall back "
-                "on; record it with ViewMeta.recorded(base) or ViewMeta.from_view(base, view)."
+                f"hopkit: {why} needs a recorded geometry, which this ViewMeta lacks; "
+                "record it with ViewMeta.recorded(base) or ViewMeta.from_view(base, view)."
             ) from cause
         if tuple(base.size()) != g.base_size or tuple(base.stride()) != g.base_stride:
             raise RuntimeError(
-                f"hopkit: {why}, and the as_strided fallback cannot be verified: the view "
-                f"was recorded on a base with sizes {list(g.base_size)} and strides "
-                f"{list(g.base_stride)}, but this base has sizes {list(base.size())} and "
-                f"strides {list(base.stride())}. Replay on a base with the recorded layout "
-                "(e.g. .contiguous() if the original was contiguous)."
+                f"hopkit: {why} replays only on a base with the layout it was recorded "
+                f"on (sizes {list(g.base_size)}, strides {list(g.base_stride)}), but this "
+                f"base has sizes {list(base.size())} and strides {list(base.stride())}. "
+                "Replay on a base with the recorded layout (e.g. .contiguous() if the "
+                "original was contiguous), or record the view with record_view_metas "
+                "to replay it on any layout."
             ) from cause
         offset = base.storage_offset() + (g.storage_offset - g.base_storage_offset)
         return base.as_strided(g.size, g.stride, offset)
