@@ -124,6 +124,12 @@ def kernels(code: str) -> list[str]:
     return re.findall(r"^(cpp_fused_\w+|triton_\w+) = async_compile", code, re.M)
 
 
+def kernel_sources(code: str) -> list[str]:
+    """Each generated kernel's definition, name and source included."""
+    pattern = r"^(?:cpp_fused_|triton_)\w+ = async_compile\.\w+\(.*?^'''\)"
+    return re.findall(pattern, code, re.M | re.S)
+
+
 def compile_and_code(fn: Callable[..., Any], *args: Any, dynamic: bool = False) -> tuple[Any, str]:
     out, codes = run_and_get_code(
         torch.compile(fn, backend="inductor", fullgraph=True, dynamic=dynamic), *args
@@ -475,11 +481,18 @@ def test_relu_of_hop_plus_one_is_one_kernel(device: str) -> None:
     def f(x: torch.Tensor) -> torch.Tensor:
         return torch.relu(pointwise_hop(_body, x)[0]) + 1
 
+    def inline(x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(_body(x)[0]) + 1
+
     with spy_fusion() as fused:
         out, code = compile_and_code(f, x)
     assert fused == [True]
     assert len(kernels(code)) == 1, kernels(code)
-    torch.testing.assert_close(out, torch.relu(_body(x)[0]) + 1)
+    torch.testing.assert_close(out, inline(x))
+    # The very kernel Inductor writes for the body written inline.
+    torch._dynamo.reset()
+    _, inline_code = compile_and_code(inline, x)
+    assert kernel_sources(code) == kernel_sources(inline_code)
 
 
 def test_sum_of_hop_is_one_kernel(device: str) -> None:

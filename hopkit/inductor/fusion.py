@@ -39,6 +39,7 @@ import torch
 import torch.fx
 from torch._inductor import ir
 from torch._inductor.virtualized import V, ops
+from torch.utils._ordered_set import OrderedSet
 
 from hopkit.inductor.subgraph_lowering import (
     PointwiseSubgraphLowering,
@@ -85,10 +86,14 @@ def lower_hop_pointwise(
         (output_node,) = gm.graph.find_nodes(op="output")
         value = output_node.args[0]
         out_nodes = list(value) if isinstance(value, (list, tuple)) else [value]
-        fresh = [
-            _fresh_output(out, node, i)
-            for i, (out, node) in enumerate(zip(lowering.graph_outputs, out_nodes))
-        ]
+        # The body's nodes are the outputs' origins, so kernels are named
+        # after the ops they compute, as for the inlined body.
+        body_nodes = OrderedSet(n for n in gm.graph.nodes if n.op == "call_function")
+        with ir.IRNode.current_origins(body_nodes):
+            fresh = [
+                _fresh_output(out, node, i)
+                for i, (out, node) in enumerate(zip(lowering.graph_outputs, out_nodes))
+            ]
     except SubgraphLoweringException as e:
         if require:
             raise SubgraphLoweringException(
