@@ -304,6 +304,505 @@ def was_mutated(t: torch.Tensor, hop_name: str, index: int) -> bool:
 # effects
 # ---------------------------------------------------------------------------
 
+# NOTE [hopkit effects inside torch's token machinery]
+# AOTAutograd threads effect tokens itself; it only asks "does this op have an
+# effect?" and "thread it" through two functions that FunctionalTensorMode
+# imports at call time from torch._higher_order_ops.effects (`has_effects`,
+# `handle_effects`). Everything downstream recognises torch's `with_effects`
+# HOP by identity. hopkit keeps its own HOP (`hopkit_with_effects`) and makes
+# each of those places accept it:
+#
+#   place (torch 2.11-2.13)                         shim below
+#   ---------------------------------------------   --------------------------
+#   FunctionalTensorMode -> has_effects /           _route_has_effects,
+#     handle_effects (torch._higher_order_ops.       _route_handle_effects
+#     effects, looked up at call time)
+#   _aot_autograd.utils.is_with_effects (min-cut    _is_with_effects
+#     partitioner: force-save effectful outputs,
+#     never recompute them)
+#   partitioners.force_save_effectful_ops (skips    _wrap_force_save_effectful_ops
+#     activation-checkpointed regions: a torch bug)
+#   _aot_autograd.utils.unlift_tokens (Inductor:    _unlift_tokens
+#     token inputs/outputs -> _make_token /
+#     _sink_tokens)
+#   proxy_tensor._should_save_eager_input_vals      _should_save_eager_input_vals
+#   Inductor lowering of with_effects (star deps,   _lower_with_effects
+#     has_side_effects, effectful_ops chain)
+#   torch.export._remove_effect_tokens (ep.module(), _remove_effect_tokens
+#     unflatten)
+#
+# Each shim is a wrapper that handles hopkit's HOP and passes everything else
+# to torch's original untouched, so torch's own effectful ops (aten::_print,
+# torchbind) behave exactly as without hopkit. Wrappers are installed on the
+# defining module *and* on every already-imported module that did
+# `from ... import name`; modules imported later pick up the wrapper by that
+# same import. Nothing here imports Inductor or the partitioner.
+# Can go when torch dispatches effect handling through a registry of
+# with_effects-like HOPs instead of identity checks.
+
+import dataclasses as _dataclasses
+import functools as _functools
+import operator as _operator
+import sys as _sys
+from collections.abc import Callable as _Callable
+from collections.abc import Iterator as _Iterator
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+from typing import Any as _Any
+
+
+try:  # torch 2.11-2.13: the enum lives next to torch's op registry
+    from torch._library.effects import EffectType as EffectType
+except ImportError:  # older layouts defined it with the HOP
+    from torch._higher_order_ops.effects import _EffectType as EffectType
+
+
+def torch_get_effect(op: _Any) -> _Any:
+    """torch's own effect registry (aten::_print, torchbind, ...), or None."""
+    from torch._higher_order_ops import effects as _hop_effects
+
+    get = getattr(_hop_effects, "_get_effect", None)
+    if get is not None:  # torch 2.9+
+        try:
+            return get(op)
+        except (ValueError, RuntimeError, AttributeError):
+            return None
+    return getattr(_hop_effects, "SIDE_EFFECTS", {}).get(op)
+
+
+def custom_op_def_type() -> _Any:
+    """torch.library.custom_op's object type (CustomOpDef)."""
+    try:
+        from torch._library.custom_ops import CustomOpDef
+
+        return CustomOpDef
+    except ImportError:
+        return None
+
+
+def is_side_effectful(fn: _Any) -> bool:
+    """Whether FX dead-code elimination treats calls of fn as impure."""
+    from torch.fx import node as _fx_node
+
+    return fn in _fx_node._side_effectful_functions
+
+
+def set_side_effectful(fn: _Any, flag: bool) -> None:
+    from torch.fx import node as _fx_node
+
+    if flag:
+        _fx_node._side_effectful_functions.add(fn)
+    else:
+        _fx_node._side_effectful_functions.discard(fn)
+
+
+def autograd_dispatch_keys() -> list[torch._C.DispatchKey]:
+    """The per-backend Autograd keys that exist in this torch build."""
+    names = (
+        "AutogradCPU",
+        "AutogradCUDA",
+        "AutogradXPU",
+        "AutogradMPS",
+        "AutogradMeta",
+        "AutogradHPU",
+        "AutogradPrivateUse1",
+        "AutogradOther",
+    )
+    return [getattr(torch._C.DispatchKey, n) for n in names if hasattr(torch._C.DispatchKey, n)]
+
+
+def functorch_transforms() -> list[_Any]:
+    """functorch transforms that a HOP must handle itself (functionalize has
+    its own registration)."""
+    tt = torch._C._functorch.TransformType
+    return [tt.Vmap, tt.Grad, tt.Jvp]
+
+
+@_dataclasses.dataclass
+class EffectsIntegration:
+    """What the shims need from hopkit.effects (passed in; no import cycle)."""
+
+    hop: _Any
+    owns: _Callable[[_Any], bool]
+    in_region: _Callable[[], bool]
+    has_effects: _Callable[[_Any], bool]
+    handle_effects: _Callable[..., _Any]
+    get_effect: _Callable[[_Any], _Any]
+
+
+_EFFECTS: EffectsIntegration | None = None
+_EFFECTS_WRAPPED_MARK = "__hopkit_effects_original__"
+
+
+def _torch_with_effects() -> _Any:
+    return torch.ops.higher_order.with_effects
+
+
+def _wrap_name(
+    defining: str, name: str, consumers: tuple[str, ...], make: _Callable[[_Any], _Any]
+) -> None:
+    """Replace `defining.name` with make(original), also where imported by name."""
+    mod = _sys.modules.get(defining)
+    if mod is None:
+        mod = __import__(defining, fromlist=[name])
+    original = getattr(mod, name, None)
+    if original is None:  # not in this torch version: nothing to teach
+        return
+    if hasattr(original, _EFFECTS_WRAPPED_MARK):
+        wrapper = original
+        original = getattr(original, _EFFECTS_WRAPPED_MARK)
+    else:
+        wrapper = make(original)
+        setattr(wrapper, _EFFECTS_WRAPPED_MARK, original)
+        setattr(mod, name, wrapper)
+    for consumer in consumers:
+        cmod = _sys.modules.get(consumer)
+        if cmod is not None and getattr(cmod, name, None) is original:
+            setattr(cmod, name, wrapper)
+
+
+def install_effects_integration(integration: EffectsIntegration) -> None:
+    """Install the shims of NOTE [hopkit effects inside torch's token
+    machinery]. Idempotent; a later call (module reload) swaps in the new HOP."""
+    global _EFFECTS
+    _EFFECTS = integration
+    hop_effects = "torch._higher_order_ops.effects"
+    _wrap_name(hop_effects, "has_effects", (), _route_has_effects)
+    _wrap_name(hop_effects, "handle_effects", (), _route_handle_effects)
+    aot_utils = "torch._functorch._aot_autograd.utils"
+    _wrap_name(aot_utils, "is_with_effects", ("torch._functorch.partitioners",), _is_with_effects)
+    _wrap_name(
+        aot_utils,
+        "unlift_tokens",
+        (
+            "torch._functorch._aot_autograd.graph_capture",
+            "torch._functorch._aot_autograd.graph_compile",
+        ),
+        _unlift_tokens,
+    )
+    _wrap_name(
+        "torch.fx.experimental.proxy_tensor",
+        "_should_save_eager_input_vals",
+        (),
+        _should_save_eager_input_vals,
+    )
+    # Inductor's lowering and the partitioner's force-save, registered when
+    # (and if) those modules are imported.
+    when_imported("torch._inductor.lowering", _register_with_effects_lowering)
+    when_imported("torch._functorch.partitioners", _wrap_force_save_effectful_ops)
+    _wrap_name(
+        "torch.export._remove_effect_tokens_pass",
+        "_remove_effect_tokens",
+        ("torch.export._unlift", "torch.export.unflatten"),
+        _remove_effect_tokens,
+    )
+
+
+def _route_has_effects(original: _Any) -> _Any:
+    @_functools.wraps(original)
+    def has_effects(op: _Any, *args: _Any, **kwargs: _Any) -> bool:
+        integ = _EFFECTS
+        if integ is not None and integ.owns(op):
+            return integ.has_effects(op)
+        return bool(original(op, *args, **kwargs))
+
+    return has_effects
+
+
+def _route_handle_effects(original: _Any) -> _Any:
+    @_functools.wraps(original)
+    def handle_effects(
+        allow_token_discovery: bool, tokens: _Any, op: _Any, *args: _Any, **kwargs: _Any
+    ) -> _Any:
+        integ = _EFFECTS
+        # Inside a HOP subgraph hopkit handles torch's own effects too (NOTE
+        # [Effect tokens inside subgraphs] in hopkit/effects.py).
+        if integ is not None and (integ.owns(op) or integ.in_region()):
+            return integ.handle_effects(allow_token_discovery, tokens, op, *args, **kwargs)
+        return original(allow_token_discovery, tokens, op, *args, **kwargs)
+
+    return handle_effects
+
+
+def _is_hopkit_with_effects(node: _Any) -> bool:
+    integ = _EFFECTS
+    return (
+        integ is not None
+        and getattr(node, "op", None) == "call_function"
+        and node.target is integ.hop
+    )
+
+
+def _is_with_effects(original: _Any) -> _Any:
+    @_functools.wraps(original)
+    def is_with_effects(node: torch.fx.Node) -> bool:
+        return _is_hopkit_with_effects(node) or bool(original(node))
+
+    return is_with_effects
+
+
+def _wrap_force_save_effectful_ops(mod: _Any) -> None:
+    """torch 2.11-2.13 mark the outputs of effectful nodes MUST_SAVE, except
+    in an activation-checkpointed region (recompute tag PREFER_RECOMPUTE), so
+    a checkpointed effect runs again in backward. hopkit's effects are never
+    recomputed: their tensor outputs are saved even inside a region. Can go
+    when the partitioner force-saves effects regardless of recompute tags."""
+    original = getattr(mod, "force_save_effectful_ops", None)
+    if original is None or hasattr(original, _EFFECTS_WRAPPED_MARK):
+        return
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    @_functools.wraps(original)
+    def force_save_effectful_ops(joint_module: torch.fx.GraphModule, *args: _Any, **kwargs: _Any) -> _Any:
+        for node in joint_module.graph.nodes:
+            if not _is_hopkit_with_effects(node) or mod._has_tag_is_backward(node):
+                continue
+            # The node itself: the min-cut solver bans recomputing MUST_SAVE
+            # nodes (the default partitioner skips multi-output nodes here).
+            node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+            for user in node.users:
+                if (
+                    user.target is _operator.getitem
+                    and user.args[1] != 0  # the token
+                    and isinstance(user.meta.get("val"), torch.Tensor)
+                ):
+                    user.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+        return original(joint_module, *args, **kwargs)
+
+    setattr(force_save_effectful_ops, _EFFECTS_WRAPPED_MARK, original)
+    mod.force_save_effectful_ops = force_save_effectful_ops
+
+
+def _graph_modules(roots: list[_Any]) -> _Iterator[torch.fx.GraphModule]:
+    seen: set[int] = set()
+    for root in roots:
+        for mod in root.modules():
+            if isinstance(mod, torch.fx.GraphModule) and id(mod) not in seen:
+                seen.add(id(mod))
+                yield mod
+
+
+def _unlift_tokens(original: _Any) -> _Any:
+    """torch's unlift_tokens finds token inputs/outputs by walking from
+    `with_effects` nodes. hopkit's nodes are presented to it as torch's for the
+    duration of the call (same calling convention: token first, op second,
+    token first in the outputs) and given back their target afterwards."""
+
+    @_functools.wraps(original)
+    def unlift_tokens(*args: _Any, **kwargs: _Any) -> _Any:
+        integ = _EFFECTS
+        roots = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.fx.GraphModule)]
+        swapped: list[tuple[torch.fx.GraphModule, torch.fx.Node]] = []
+        if integ is not None:
+            torch_we = _torch_with_effects()
+            for gm in _graph_modules(roots):
+                for node in gm.graph.nodes:
+                    if node.op == "call_function" and node.target is integ.hop:
+                        node.target = torch_we
+                        swapped.append((gm, node))
+        try:
+            return original(*args, **kwargs)
+        finally:
+            touched: dict[int, torch.fx.GraphModule] = {}
+            for gm, node in swapped:
+                node.target = integ.hop  # type: ignore[union-attr]
+                touched[id(gm)] = gm
+            for gm in touched.values():
+                gm.recompile()
+
+    return unlift_tokens
+
+
+def _should_save_eager_input_vals(original: _Any) -> _Any:
+    # torch answers False for its with_effects (the lowering does not propagate
+    # eager input values); hopkit's HOP is lowered the same way.
+    @_functools.wraps(original)
+    def should_save(target: _Any, args_kwargs: _Any = None) -> bool:
+        integ = _EFFECTS
+        if integ is not None and target is integ.hop:
+            return False
+        return bool(original(target, args_kwargs))
+
+    return should_save
+
+
+def _register_with_effects_lowering(mod: _Any) -> None:
+    integ = _EFFECTS
+    if integ is not None and integ.hop not in mod.lowerings:
+        mod.register_lowering(integ.hop, type_promotion_kind=None)(
+            _functools.partial(_lower_with_effects, integ)
+        )
+
+
+def _lower_with_effects(
+    integration: EffectsIntegration, token: _Any, op: _Any, *args: _Any, **kwargs: _Any
+) -> _Any:
+    """Lower `op` itself, then chain every operation it created behind the
+    previous operation of the same effect (a StarDep) and mark them as having
+    side effects, so the scheduler neither reorders nor removes them. Mirrors
+    torch's lowering of its with_effects (torch/_inductor/lowering.py)."""
+    import torch.utils._pytree as pytree
+    from torch._inductor import ir
+    from torch._inductor.lowering import lowerings
+    from torch._inductor.virtualized import V
+
+    effect = integration.get_effect(op)
+    node = V.graph.current_node
+    n_before = len(V.graph.operations)
+    if op in lowerings:
+        result = lowerings[op](*args, **kwargs)
+        pytree.tree_map_only(ir.TensorBox, lambda a: a.realize(), result)
+    else:
+        with _seen_as_torch_with_effects(node):
+            kernel_out = ir.FallbackKernel.create(op, *args, **kwargs)
+        result = pytree.tree_map(
+            lambda x: x.wrap_for_lowering() if isinstance(x, ir.IRNode) else x,
+            kernel_out,
+        )
+    new_ops: list[_Any] = list(V.graph.operations[n_before:])
+    if not new_ops:
+        raise RuntimeError(
+            f"hopkit: lowering {op} inside hopkit_with_effects created no "
+            "operation, so its effect cannot be ordered; give the op a lowering "
+            "that creates a buffer, or let it fall back (remove its lowering)."
+        )
+    if effect is not None:
+        # Every new operation waits for the previous effect; inside a HOP's
+        # inlined subgraph the effectful kernels also wait for each other, in
+        # the order the subgraph calls them (NOTE [Effect tokens inside
+        # subgraphs] in hopkit/effects.py).
+        effectful_ops: dict[_Any, _Any] = V.graph.effectful_ops
+        prev = effectful_ops.get(effect)
+        for new_op in new_ops:
+            new_op.has_side_effects = lambda: True
+            if prev is not None:
+                V.graph.additional_star_deps[new_op.get_name()].add(prev.get_name())
+            if integration.has_effects(getattr(new_op, "op_overload", None)):
+                prev = new_op
+        effectful_ops[effect] = new_ops[-1]
+    # The same framing as the dense rule: a HOP's tuple of outputs is spread,
+    # an op's outputs are spread when its schema has several returns.
+    if isinstance(op, torch._ops.HigherOrderOperator):
+        spread = isinstance(result, (tuple, list))
+    else:
+        spread = len(op._schema.returns) > 1
+    return (token, *result) if spread else (token, result)
+
+
+class _seen_as_torch_with_effects:
+    """FallbackKernel strips the token from the FX node's metadata (for
+    unbacked symbols) only when the node's target is torch's with_effects; show
+    it that target while the kernel is created, if the node has such symbols."""
+
+    def __init__(self, node: _Any) -> None:
+        self.node = node if node is not None and node.meta.get("unbacked_bindings") else None
+        self.target: _Any = None
+
+    def __enter__(self) -> None:
+        if self.node is not None:
+            self.target = self.node.target
+            self.node.target = _torch_with_effects()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.node is not None:
+            self.node.target = self.target
+
+
+def _remove_effect_tokens(original: _Any) -> _Any:
+    """ep.module() / unflatten remove effect tokens from a program. First turn
+    every hopkit_with_effects(token, op, *args) back into op(*args), joining the
+    token chain around it; then let torch's pass handle its own with_effects
+    nodes and the graph signature. If no torch effect node is left to carry
+    the chain, drop the token inputs/outputs here (torch's pass finds them only
+    through its own nodes)."""
+
+    @_functools.wraps(original)
+    def remove_effect_tokens(ep: _Any) -> _Any:
+        integ = _EFFECTS
+        if integ is not None:
+            _inline_hopkit_with_effects(ep, integ.hop)
+        return original(ep)
+
+    return remove_effect_tokens
+
+
+def _inline_hopkit_with_effects(ep: _Any, hop: _Any) -> None:
+    from torch.export.graph_signature import InputKind, OutputKind
+
+    gm = ep.graph_module
+    torch_we = _torch_with_effects()
+    with gm._set_replace_hook(ep.graph_signature.get_replace_hook()):
+        for module in list(_graph_modules([gm])):
+            nodes = [
+                n for n in module.graph.nodes if n.op == "call_function" and n.target is hop
+            ]
+            if not nodes:
+                continue
+            for node in nodes:
+                _inline_one(module, node)
+            chain_left = any(
+                n.op == "call_function"
+                and (n.target is torch_we or n.target is torch.ops.higher_order.invoke_subgraph)
+                for n in module.graph.nodes
+            )
+            if module is gm and not chain_left:
+                out_names = [
+                    s.arg.name for s in ep.graph_signature.output_specs if s.kind == OutputKind.TOKEN
+                ]
+                in_names = {
+                    s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.TOKEN
+                }
+                output = next(reversed(module.graph.find_nodes(op="output")))
+                outs = list(output.args[0])
+                head = [getattr(o, "name", None) for o in outs[: len(out_names)]]
+                if head != out_names:
+                    raise RuntimeError(
+                        "hopkit: cannot remove effect tokens: expected the "
+                        f"program's first outputs to be its tokens {out_names}, "
+                        f"got {head}."
+                    )
+                output.args = (tuple(outs[len(out_names) :]),)
+                for ph in list(module.graph.find_nodes(op="placeholder")):
+                    if ph.name in in_names and not ph.users:
+                        module.graph.erase_node(ph)
+            module.recompile()
+
+
+def _inline_one(module: torch.fx.GraphModule, node: torch.fx.Node) -> None:
+    token, func, *fargs = node.args
+    val = node.meta.get("val")
+    # As in the dense rule: a HOP's tuple of outputs was spread after the
+    # token, an op's outputs were spread when its schema has several returns.
+    if isinstance(func, torch._ops.HigherOrderOperator):
+        single = False
+    else:
+        single = len(func._schema.returns) <= 1  # type: ignore[union-attr]
+    with module.graph.inserting_before(node):
+        new = module.graph.call_function(func, tuple(fargs), dict(node.kwargs))  # type: ignore[arg-type]
+    for k, v in node.meta.items():
+        new.meta[k] = v
+    if "unbacked_bindings" in node.meta:  # drop the token's level of the paths
+        new.meta["unbacked_bindings"] = {
+            s: path[1:] if path else path for s, path in node.meta["unbacked_bindings"].items()
+        }
+    if isinstance(val, (tuple, list)):
+        new.meta["val"] = val[1] if single else tuple(val[1:])
+    for user in list(node.users):
+        if user.op != "call_function" or user.target is not _operator.getitem:
+            raise RuntimeError(
+                f"hopkit: unexpected use {user.format_node()} of {node.name}; "
+                "with_effects outputs are read with getitem only."
+            )
+        idx = user.args[1]
+        if idx == 0:
+            user.replace_all_uses_with(token)  # type: ignore[arg-type]
+            module.graph.erase_node(user)
+        elif single:
+            user.replace_all_uses_with(new)
+            module.graph.erase_node(user)
+        else:
+            user.args = (new, idx - 1)  # type: ignore[operator]
+    module.graph.erase_node(node)
+
 # ---------------------------------------------------------------------------
 # export (autocast pass)
 # ---------------------------------------------------------------------------

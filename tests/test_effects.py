@@ -1,0 +1,695 @@
+"""hopkit.effects: ordering, liveness and exactly-once of effectful ops, SPEC §2.
+
+The effectful op records a tag into ``LOG`` from its Python implementation,
+which runs only on real tensors (never under fake tracing), so ``LOG`` is the
+exact sequence of side effects that happened.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+from expecttest import assert_expected_inline
+from torch._dynamo.testing import AotEagerAndRecordGraphs
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.testing import FileCheck
+
+from hopkit import _compat
+from hopkit.effects import (
+    EffectType,
+    get_effect,
+    has_aliasing,
+    has_effects,
+    new_token_tensor,
+    register_effectful_op,
+    with_effects,
+)
+
+NS = "hopkit_test_effects"
+LOG: list[Any] = []
+
+
+def _log(x: torch.Tensor, tag: int) -> torch.Tensor:
+    LOG.append(tag)
+    return x.clone()
+
+
+def _log_nothing(x: torch.Tensor, tag: int) -> None:
+    LOG.append(tag)
+
+
+def _log_pair(x: torch.Tensor, tag: int) -> tuple[torch.Tensor, torch.Tensor]:
+    LOG.append(tag)
+    return x.clone(), x + 1
+
+
+def _log_list(x: torch.Tensor, tag: int) -> list[torch.Tensor]:
+    LOG.append(tag)
+    return [x.clone(), x * 2]
+
+
+_lib = torch.library.Library(NS, "FRAGMENT")
+_lib.define("log(Tensor x, int tag) -> Tensor")
+_lib.define("log_nothing(Tensor x, int tag) -> ()")
+_lib.define("log_pair(Tensor x, int tag) -> (Tensor, Tensor)")
+_lib.define("log_list(Tensor x, int tag) -> Tensor[]")
+_lib.define("unregistered(Tensor x, int tag) -> Tensor")
+_lib.define("mutates(Tensor(a!) x) -> ()")
+_lib.define("aliases(Tensor(a) x) -> Tensor(a)")
+_lib.define("implicit(Tensor x) -> Tensor")
+_lib.define("overloaded(Tensor x) -> Tensor")
+_lib.define("overloaded.out(Tensor x, *, Tensor(a!) out) -> Tensor(a!)")
+for _name, _fn in [("log", _log), ("log_nothing", _log_nothing), ("log_pair", _log_pair),
+                   ("log_list", _log_list), ("unregistered", _log)]:
+    _lib.impl(_name, _fn, "CompositeExplicitAutograd")
+_lib.impl("implicit", lambda x: x.clone(), "CompositeImplicitAutograd")
+torch.library.register_fake(f"{NS}::log", lambda x, tag: torch.empty_like(x), lib=_lib)
+torch.library.register_fake(f"{NS}::unregistered", lambda x, tag: torch.empty_like(x), lib=_lib)
+torch.library.register_fake(f"{NS}::log_nothing", lambda x, tag: None, lib=_lib)
+torch.library.register_fake(
+    f"{NS}::log_pair", lambda x, tag: (torch.empty_like(x), torch.empty_like(x)), lib=_lib
+)
+torch.library.register_fake(
+    f"{NS}::log_list", lambda x, tag: [torch.empty_like(x), torch.empty_like(x)], lib=_lib
+)
+torch.library.register_autograd(f"{NS}::log", lambda ctx, g: (g, None), lib=_lib)
+
+log = torch.ops.hopkit_test_effects.log.default
+log_nothing = torch.ops.hopkit_test_effects.log_nothing.default
+log_pair = torch.ops.hopkit_test_effects.log_pair.default
+log_list = torch.ops.hopkit_test_effects.log_list.default
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _destroy_library() -> Iterator[None]:
+    try:
+        yield
+    finally:
+        _lib._destroy()
+
+
+@pytest.fixture(autouse=True)
+def _clear_log() -> Iterator[None]:
+    LOG.clear()
+    yield
+    LOG.clear()
+
+
+@pytest.fixture
+def ordered() -> Iterator[None]:
+    """The logging ops registered ORDERED for the duration of one test."""
+    handles = [register_effectful_op(op, EffectType.ORDERED)
+               for op in (log, log_nothing, log_pair, log_list)]
+    try:
+        yield
+    finally:
+        for h in reversed(handles):
+            h.destroy()
+
+
+def normalize(code: str) -> str:
+    return re.sub(r"\n\s*\n", "\n", code).strip()
+
+
+# ---------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------
+
+
+def test_register_get_and_destroy() -> None:
+    assert get_effect(log) is None and not has_effects(log)
+    h = register_effectful_op(log, EffectType.ORDERED)
+    try:
+        assert get_effect(log) is EffectType.ORDERED and has_effects(log)
+        assert _compat.is_side_effectful(log)  # FX DCE keeps unused calls
+    finally:
+        h.destroy()
+    assert get_effect(log) is None and not has_effects(log)
+    assert not _compat.is_side_effectful(log)
+    h.destroy()  # a second destroy does nothing
+
+
+def test_destroy_restores_the_previous_registration() -> None:
+    first = register_effectful_op(log, EffectType.ORDERED)
+    try:
+        second = register_effectful_op(log, None)  # declare it effect-free
+        assert get_effect(log) is None and not has_effects(log)
+        second.destroy()
+        assert get_effect(log) is EffectType.ORDERED
+        assert _compat.is_side_effectful(log)
+    finally:
+        first.destroy()
+    assert get_effect(log) is None
+
+
+@pytest.mark.parametrize(
+    "ident",
+    [
+        pytest.param(lambda: log, id="OpOverload"),
+        pytest.param(lambda: torch.ops.hopkit_test_effects.log, id="OpOverloadPacket"),
+        pytest.param(lambda: f"{NS}::log", id="qualname"),
+        pytest.param(lambda: f"{NS}::log.default", id="qualname_with_overload"),
+    ],
+)
+def test_register_accepts_every_op_identifier(ident: Callable[[], Any]) -> None:
+    h = register_effectful_op(ident(), EffectType.ORDERED)
+    try:
+        assert get_effect(log) is EffectType.ORDERED
+        assert get_effect(ident()) is EffectType.ORDERED
+    finally:
+        h.destroy()
+    assert get_effect(log) is None
+
+
+def test_register_accepts_custom_op_objects_and_hops() -> None:
+    @torch.library.custom_op("hopkit_test_effects_custom::note", mutates_args=())
+    def note(x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    class ToyHOP(torch._ops.HigherOrderOperator):
+        def __init__(self) -> None:
+            super().__init__("hopkit_test_effects_toy")
+
+        def __call__(self, *args: Any) -> Any:
+            return super().__call__(*args)
+
+    toy = ToyHOP()
+    try:
+        handles = [register_effectful_op(note, EffectType.ORDERED),
+                   register_effectful_op(toy, EffectType.ORDERED)]
+        assert get_effect(torch.ops.hopkit_test_effects_custom.note.default) is EffectType.ORDERED
+        assert get_effect(toy) is EffectType.ORDERED
+        assert get_effect("higher_order::hopkit_test_effects_toy") is EffectType.ORDERED
+        for h in reversed(handles):
+            h.destroy()
+        assert get_effect(toy) is None
+    finally:
+        note._lib._destroy()
+        torch._ops._higher_order_ops.pop("hopkit_test_effects_toy", None)
+
+
+def test_torch_own_effects_are_reported_and_can_be_overridden() -> None:
+    assert get_effect(torch.ops.aten._print.default) is EffectType.ORDERED
+    h = register_effectful_op("aten::_print", None)
+    try:
+        assert get_effect(torch.ops.aten._print.default) is None
+    finally:
+        h.destroy()
+    assert has_effects(torch.ops.aten._print.default)
+
+
+def test_has_aliasing() -> None:
+    assert not has_aliasing(log)
+    assert has_aliasing(torch.ops.hopkit_test_effects.mutates.default)
+    assert has_aliasing(torch.ops.aten.add_.Tensor)
+    assert not has_aliasing(with_effects)
+
+
+def _error(fn: Callable[[], Any], exc: type[Exception] = ValueError) -> str:
+    before = (dict(get_effect.__globals__["_REGISTRY"]), set(torch.fx.node._side_effectful_functions))
+    with pytest.raises(exc) as info:
+        fn()
+    after = (dict(get_effect.__globals__["_REGISTRY"]), set(torch.fx.node._side_effectful_functions))
+    assert before == after, "nothing is registered when registration fails"
+    return str(info.value)
+
+
+def test_error_unknown_op() -> None:
+    assert_expected_inline(
+        _error(lambda: register_effectful_op(f"{NS}::nope")),
+        """hopkit: unknown operator 'hopkit_test_effects::nope': no op hopkit_test_effects::nope is defined; define it first (torch.library.custom_op or torch.library.Library(...).define) or load the library that does.""",
+    )
+
+
+def test_error_unknown_overload() -> None:
+    assert_expected_inline(
+        _error(lambda: register_effectful_op(f"{NS}::log.nope")),
+        """hopkit: unknown operator 'hopkit_test_effects::log.nope': hopkit_test_effects::log has no overload 'nope' (it has ['default']); use one of those, or 'ns::name' for every overload.""",
+    )
+
+
+def test_error_unqualified_name() -> None:
+    assert_expected_inline(
+        _error(lambda: register_effectful_op("log")),
+        """hopkit: 'log' is not a qualified op name; write it as 'namespace::name' or 'namespace::name.overload' (e.g. 'mylib::log').""",
+    )
+
+
+def test_error_unknown_hop() -> None:
+    assert_expected_inline(
+        _error(lambda: register_effectful_op("higher_order::hopkit_no_such_hop")),
+        """hopkit: no HigherOrderOperator named 'higher_order::hopkit_no_such_hop'; create the HOP before registering it, or pass the HOP object.""",
+    )
+
+
+def test_error_not_an_op() -> None:
+    assert_expected_inline(
+        _error(lambda: register_effectful_op(print), TypeError),
+        """hopkit: register_effectful_op expects an OpOverload (torch.ops.mylib.log.default), an OpOverloadPacket, a torch.library.custom_op object, a HigherOrderOperator or a qualified name string ('mylib::log'), but got builtin_function_or_method <built-in function print>.""",
+    )
+
+
+def test_error_bad_effect() -> None:
+    assert_expected_inline(
+        _error(lambda: register_effectful_op(log, "ORDERED"), TypeError),
+        """hopkit: register_effectful_op(op, effect) expects effect to be an EffectType (e.g. EffectType.ORDERED) or None, but got str 'ORDERED'.""",
+    )
+
+
+def test_error_mutating_op() -> None:
+    assert_expected_inline(
+        _error(lambda: register_effectful_op(torch.ops.hopkit_test_effects.mutates.default)),
+        """hopkit: cannot register hopkit_test_effects::mutates.default as effectful: its schema `hopkit_test_effects::mutates(Tensor(a!) x) -> ()` mutates argument 'x'. Effect tokens order functional ops only; make the op functional (torch.library.custom_op(..., mutates_args=()) returning new tensors), or register a functional overload instead.""",
+    )
+
+
+def test_error_aliasing_op() -> None:
+    assert_expected_inline(
+        _error(lambda: register_effectful_op(torch.ops.hopkit_test_effects.aliases.default)),
+        """hopkit: cannot register hopkit_test_effects::aliases.default as effectful: its schema `hopkit_test_effects::aliases(Tensor(a) x) -> Tensor(a)` aliases argument 'x'. Effect tokens order functional ops only; make the op functional (torch.library.custom_op(..., mutates_args=()) returning new tensors), or register a functional overload instead.""",
+    )
+
+
+def test_error_packet_with_a_mutating_overload() -> None:
+    # Registering every overload checks every overload; the functional one
+    # alone can be registered.
+    assert_expected_inline(
+        _error(lambda: register_effectful_op(f"{NS}::overloaded")),
+        """hopkit: cannot register hopkit_test_effects::overloaded as effectful (overload hopkit_test_effects::overloaded.out of hopkit_test_effects::overloaded): its schema `hopkit_test_effects::overloaded.out(Tensor x, *, Tensor(a!) out) -> Tensor(a!)` mutates argument 'out'. Effect tokens order functional ops only; make the op functional (torch.library.custom_op(..., mutates_args=()) returning new tensors), or register a functional overload instead.""",
+    )
+    register_effectful_op(f"{NS}::overloaded.default").destroy()
+
+
+def test_error_composite_implicit_op() -> None:
+    assert_expected_inline(
+        _error(lambda: register_effectful_op(torch.ops.hopkit_test_effects.implicit.default)),
+        """hopkit: cannot register hopkit_test_effects::implicit.default as effectful: it has a CompositeImplicitAutograd kernel, so it decomposes into other ops before tracing can see it and its effect would be lost. Register its kernel for CompositeExplicitAutograd or per backend (CPU, CUDA) instead, as torch.library.custom_op does.""",
+    )
+
+
+def test_error_registering_with_effects_itself() -> None:
+    assert_expected_inline(
+        _error(lambda: register_effectful_op(with_effects)),
+        """hopkit: cannot register with_effects itself as effectful; register the op it wraps.""",
+    )
+
+
+# ---------------------------------------------------------------------------
+# The HOP: dense, fake, proxy, functionalize, errors
+# ---------------------------------------------------------------------------
+
+
+def test_with_effects_dense_output_structure() -> None:
+    x = torch.randn(3)
+    token, out = with_effects(new_token_tensor(), log, x, 1)
+    assert token.shape == (0,) and torch.equal(out, x)
+    token, a, b = with_effects(token, log_pair, x, 2)  # a tuple is spread
+    assert torch.equal(b, x + 1)
+    token, lst = with_effects(token, log_list, x, 3)  # a list stays one output
+    assert isinstance(lst, list) and len(lst) == 2
+    token, nothing = with_effects(token, log_nothing, x, 4)
+    assert nothing is None
+    assert LOG == [1, 2, 3, 4]
+
+
+def test_with_effects_under_fake_mode_runs_nothing() -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        x = mode.from_tensor(torch.randn(3))
+        token, out = with_effects(new_token_tensor(), log, x, 1)
+    assert out.shape == (3,) and type(out).__name__ == "FakeTensor"
+    assert LOG == []
+
+
+@pytest.mark.parametrize("tracing_mode", ["real", "fake", "symbolic"])
+def test_with_effects_make_fx_is_one_node(tracing_mode: str) -> None:
+    def f(token, x):  # type: ignore[no-untyped-def]  # annotations would show in gm.code
+        return with_effects(token, log_pair, x, 1)
+
+    gm = make_fx(f, tracing_mode=tracing_mode)(new_token_tensor(), torch.randn(3))
+    assert_expected_inline(normalize(gm.code), """\
+def forward(self, token_1, x_1):
+    hopkit_with_effects = torch.ops.higher_order.hopkit_with_effects(token_1, torch.ops.hopkit_test_effects.log_pair.default, x_1, 1);  token_1 = x_1 = None
+    getitem = hopkit_with_effects[0]
+    getitem_1 = hopkit_with_effects[1]
+    getitem_2 = hopkit_with_effects[2];  hopkit_with_effects = None
+    return (getitem, getitem_1, getitem_2)""")
+
+
+def test_with_effects_functionalize_and_autograd() -> None:
+    x = torch.randn(3, requires_grad=True)
+    out = torch.func.functionalize(lambda t, v: with_effects(t, log, v, 7)[1])(new_token_tensor(), x)
+    out.sum().backward()  # autograd falls through to the op's own formula
+    assert torch.equal(x.grad, torch.ones(3))
+    assert LOG == [7]
+
+
+def test_with_effects_under_vmap_and_grad() -> None:
+    x = torch.randn(2, 3)
+    out = torch.vmap(lambda v: with_effects(new_token_tensor(), torch.ops.aten.sin.default, v)[1])(x)
+    torch.testing.assert_close(out, x.sin())
+    sin = torch.ops.aten.sin.default
+    g = torch.func.grad(lambda v: with_effects(new_token_tensor(), sin, v)[1].sum())(x[0])
+    torch.testing.assert_close(g, x[0].cos())
+
+
+def test_with_effects_bad_op() -> None:
+    with pytest.raises(TypeError) as info:
+        with_effects(new_token_tensor(), torch.ops.hopkit_test_effects.log, torch.randn(1), 1)
+    assert_expected_inline(str(info.value), """hopkit: with_effects(token, op, *args) expects op to be an OpOverload (e.g. torch.ops.mylib.log.default) or a HigherOrderOperator, but got OpOverloadPacket <OpOverloadPacket(op='hopkit_test_effects.log')>; pass the overload, not the packet or a Python function.""")
+    with pytest.raises(ValueError) as info2:
+        with_effects(new_token_tensor(), torch.ops.aten.add_.Tensor, torch.randn(1), 1)
+    assert_expected_inline(str(info2.value), """hopkit: with_effects cannot wrap aten::add_.Tensor: its schema `aten::add_.Tensor(Tensor(a!) self, Tensor other, *, Scalar alpha=1) -> Tensor(a!)` mutates or aliases an argument or output (effect tokens order functional ops only); make the op functional (mutates_args=(), fresh outputs).""")
+
+
+def test_handle_effects_threads_and_discovers_tokens(ordered: None) -> None:
+    # FunctionalTensorMode hands registered ops to hopkit's handle_effects
+    # (through the routing shim in hopkit._compat), with the mode's tokens.
+    from torch._subclasses.functional_tensor import FunctionalTensorMode, dispatch_functionalize
+
+    def f(x: torch.Tensor) -> Any:
+        return log(x, 1), log_nothing(x, 2), log_pair(x, 3)
+
+    x = torch.randn(2)
+    mode = FunctionalTensorMode(_allow_token_discovery=True)
+    out, nothing, (a, b) = dispatch_functionalize(f, mode)(x)
+    assert list(mode._tokens) == [EffectType.ORDERED]
+    assert torch.equal(out, x) and nothing is None and torch.equal(b, x + 1)
+    assert LOG == [1, 2, 3]
+    with pytest.raises(RuntimeError) as info:
+        dispatch_functionalize(f, FunctionalTensorMode(_allow_token_discovery=False))(x)
+    assert_expected_inline(str(info.value), """hopkit: no effect token for EffectType.ORDERED while tracing hopkit_test_effects::log.default (token discovery is off: the effect was not seen when AOTAutograd collected metadata).""")
+
+
+# ---------------------------------------------------------------------------
+# torch.compile: order, unused results, exactly once
+# ---------------------------------------------------------------------------
+
+
+def program(x: torch.Tensor) -> torch.Tensor:
+    y = x.sin()
+    log(y, 1)                       # result unused
+    y = log(y, 2) * 2
+    log_nothing(y, 3)               # no result at all
+    a, b = log_pair(y, 4)
+    log(a, 5)                       # result unused
+    return b.cos()
+
+
+def test_eager_reference() -> None:
+    program(torch.randn(3))
+    assert LOG == [1, 2, 3, 4, 5]
+
+
+def test_compile_keeps_order_and_unused_calls(ordered: None, backend: str) -> None:
+    x = torch.randn(3)
+    fn = torch.compile(program, backend=backend, fullgraph=True)
+    out = fn(x)
+    torch.testing.assert_close(out, program(x))
+    assert LOG == [1, 2, 3, 4, 5] * 2
+    LOG.clear()
+    fn(x)  # compiled code runs each effect exactly once per call
+    assert LOG == [1, 2, 3, 4, 5]
+
+
+def test_unregistered_unused_call_is_dropped_by_compile() -> None:
+    # What registration prevents: without it, AOTAutograd drops the call.
+    unregistered = torch.ops.hopkit_test_effects.unregistered.default
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        unregistered(x, 1)
+        return x + 1
+
+    torch.compile(f, backend="aot_eager", fullgraph=True)(torch.randn(2))
+    assert LOG == []
+
+
+def test_aot_graph_threads_one_token_chain(ordered: None) -> None:
+    backend = AotEagerAndRecordGraphs()
+    torch.compile(program, backend=backend, fullgraph=True)(torch.randn(3))
+    (fw,) = backend.fw_graphs
+    assert_expected_inline(normalize(fw.code), """\
+def forward(self, arg0_1, arg1_1):
+    sin = torch.ops.aten.sin.default(arg1_1);  arg1_1 = None
+    hopkit_with_effects = torch.ops.higher_order.hopkit_with_effects(arg0_1, torch.ops.hopkit_test_effects.log.default, sin, 1);  arg0_1 = None
+    getitem = hopkit_with_effects[0];  hopkit_with_effects = None
+    hopkit_with_effects_1 = torch.ops.higher_order.hopkit_with_effects(getitem, torch.ops.hopkit_test_effects.log.default, sin, 2);  getitem = sin = None
+    getitem_2 = hopkit_with_effects_1[0]
+    getitem_3 = hopkit_with_effects_1[1];  hopkit_with_effects_1 = None
+    mul = torch.ops.aten.mul.Tensor(getitem_3, 2);  getitem_3 = None
+    hopkit_with_effects_2 = torch.ops.higher_order.hopkit_with_effects(getitem_2, torch.ops.hopkit_test_effects.log_nothing.default, mul, 3);  getitem_2 = None
+    getitem_4 = hopkit_with_effects_2[0];  hopkit_with_effects_2 = None
+    hopkit_with_effects_3 = torch.ops.higher_order.hopkit_with_effects(getitem_4, torch.ops.hopkit_test_effects.log_pair.default, mul, 4);  getitem_4 = mul = None
+    getitem_6 = hopkit_with_effects_3[0]
+    getitem_7 = hopkit_with_effects_3[1]
+    getitem_8 = hopkit_with_effects_3[2];  hopkit_with_effects_3 = None
+    hopkit_with_effects_4 = torch.ops.higher_order.hopkit_with_effects(getitem_6, torch.ops.hopkit_test_effects.log.default, getitem_7, 5);  getitem_6 = getitem_7 = None
+    getitem_9 = hopkit_with_effects_4[0];  hopkit_with_effects_4 = None
+    cos = torch.ops.aten.cos.default(getitem_8);  getitem_8 = None
+    return (getitem_9, cos)""")
+
+
+def test_torch_own_effectful_op_shares_the_chain(ordered: None) -> None:
+    # aten::_print goes through torch's with_effects, hopkit's ops through
+    # hopkit's; one token orders them all.
+    def f(x: torch.Tensor) -> torch.Tensor:
+        log(x, 1)
+        torch.ops.aten._print("between")
+        return log(x, 2)
+
+    backend = AotEagerAndRecordGraphs()
+    torch.compile(f, backend=backend, fullgraph=True)(torch.randn(2))
+    assert LOG == [1, 2]
+    assert_expected_inline(normalize(backend.fw_graphs[0].code), """\
+def forward(self, arg0_1, arg1_1):
+    hopkit_with_effects = torch.ops.higher_order.hopkit_with_effects(arg0_1, torch.ops.hopkit_test_effects.log.default, arg1_1, 1);  arg0_1 = None
+    getitem = hopkit_with_effects[0];  hopkit_with_effects = None
+    with_effects = torch.ops.higher_order.with_effects(getitem, torch.ops.aten._print.default, 'between');  getitem = None
+    getitem_2 = with_effects[0];  with_effects = None
+    hopkit_with_effects_1 = torch.ops.higher_order.hopkit_with_effects(getitem_2, torch.ops.hopkit_test_effects.log.default, arg1_1, 2);  getitem_2 = arg1_1 = None
+    getitem_4 = hopkit_with_effects_1[0]
+    getitem_5 = hopkit_with_effects_1[1];  hopkit_with_effects_1 = None
+    return (getitem_4, getitem_5)""")
+    LOG.clear()
+    torch._dynamo.reset()
+    torch.compile(f, backend="inductor", fullgraph=True)(torch.randn(2))
+    assert LOG == [1, 2]
+
+
+def test_inductor_keeps_unused_calls_in_order(ordered: None) -> None:
+    from torch._inductor.utils import run_and_get_code
+
+    fn = torch.compile(program, backend="inductor", fullgraph=True)
+    _, (code,) = run_and_get_code(fn, torch.randn(3))
+    check = FileCheck()
+    for op, tag in [("log", 1), ("log", 2), ("log_nothing", 3), ("log_pair", 4), ("log", 5)]:
+        check = check.check(f"torch.ops.hopkit_test_effects.{op}.default(").check(f", {tag})")
+    check.run(code)
+    assert LOG == [1, 2, 3, 4, 5]
+
+
+def test_dynamo_eager_backend_keeps_unused_call(ordered: None) -> None:
+    def f(x: torch.Tensor) -> torch.Tensor:
+        log(x, 1)
+        return x + 1
+
+    torch.compile(f, backend="eager", fullgraph=True)(torch.randn(2))
+    assert LOG == [1]
+
+
+# ---------------------------------------------------------------------------
+# Backward: forward-only, backward-only, both
+# ---------------------------------------------------------------------------
+
+
+class LogInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        log(g, 100)
+        log(g, 101)  # result unused
+        return g
+
+
+def forward_only(x: torch.Tensor) -> torch.Tensor:
+    return log(x.sin(), 1).cos()
+
+
+def backward_only(x: torch.Tensor) -> torch.Tensor:
+    return LogInBackward.apply(x.sin()).cos()
+
+
+def both(x: torch.Tensor) -> torch.Tensor:
+    y = log(x.sin(), 1)
+    return LogInBackward.apply(y).cos()
+
+
+@pytest.mark.parametrize(
+    "fn, fw_log, bw_log",
+    [
+        pytest.param(forward_only, [1], [], id="forward_only"),
+        pytest.param(backward_only, [], [100, 101], id="backward_only"),
+        pytest.param(both, [1], [100, 101], id="both"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["aot_eager", "aot_eager_decomp_partition", "inductor"])
+def test_effects_in_forward_and_backward(
+    ordered: None, fn: Callable[..., torch.Tensor], fw_log: list[int], bw_log: list[int],
+    backend: str,
+) -> None:
+    x = torch.randn(3, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    fn(x_ref).sum().backward()
+    LOG.clear()
+    out = torch.compile(fn, backend=backend, fullgraph=True)(x)
+    assert LOG == fw_log
+    LOG.clear()
+    out.sum().backward()
+    assert LOG == bw_log  # once each, in order, never re-run for recomputation
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+def test_backward_graph_takes_a_token(ordered: None) -> None:
+    backend = AotEagerAndRecordGraphs()
+    torch.compile(backward_only, backend=backend, fullgraph=True)(
+        torch.randn(3, requires_grad=True)
+    ).sum().backward()
+    assert_expected_inline(normalize(backend.bw_graphs[0].code), """\
+def forward(self, primals_1, tangents_1, tangents_token):
+    sin = torch.ops.aten.sin.default(primals_1)
+    clone = torch.ops.aten.clone.default(sin);  sin = None
+    sin_1 = torch.ops.aten.sin.default(clone);  clone = None
+    neg = torch.ops.aten.neg.default(sin_1);  sin_1 = None
+    mul = torch.ops.aten.mul.Tensor(tangents_1, neg);  tangents_1 = neg = None
+    hopkit_with_effects = torch.ops.higher_order.hopkit_with_effects(tangents_token, torch.ops.hopkit_test_effects.log.default, mul, 100);  tangents_token = None
+    getitem = hopkit_with_effects[0];  hopkit_with_effects = None
+    hopkit_with_effects_1 = torch.ops.higher_order.hopkit_with_effects(getitem, torch.ops.hopkit_test_effects.log.default, mul, 101);  getitem = None
+    getitem_2 = hopkit_with_effects_1[0];  hopkit_with_effects_1 = None
+    cos_1 = torch.ops.aten.cos.default(primals_1);  primals_1 = None
+    mul_1 = torch.ops.aten.mul.Tensor(mul, cos_1);  mul = cos_1 = None
+    return (mul_1, getitem_2)""")
+
+
+@pytest.mark.parametrize("backend", ["aot_eager_decomp_partition", "inductor"])
+def test_activation_checkpointing_never_recomputes_effects(ordered: None, backend: str) -> None:
+    def region(x: torch.Tensor) -> torch.Tensor:
+        return log(x.sin(), 1).cos() * 3
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return torch.utils.checkpoint.checkpoint(region, x, use_reentrant=False).sum()
+
+    x = torch.randn(4, requires_grad=True)
+    out = torch.compile(fn, backend=backend, fullgraph=True)(x)
+    assert LOG == [1]
+    out.backward()
+    assert LOG == [1]  # the checkpointed region's effect is saved, not recomputed
+    torch.testing.assert_close(x.grad, -3 * x.cos() * x.sin().sin())
+
+
+# ---------------------------------------------------------------------------
+# torch.export
+# ---------------------------------------------------------------------------
+
+
+class Program(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return program(x)
+
+
+def test_export_signature_carries_tokens(ordered: None) -> None:
+    ep = torch.export.export(Program(), (torch.randn(3),))
+    # The training IR keeps the calls (unused ones included) without tokens.
+    assert [n.args[-1] for n in ep.graph.nodes if n.op == "call_function"
+            and n.target in (log, log_nothing, log_pair)] == [1, 2, 3, 4, 5]
+    ep = ep.run_decompositions()
+    assert_expected_inline(normalize(ep.graph_module.code), """\
+def forward(self, token, x):
+    sin = torch.ops.aten.sin.default(x);  x = None
+    hopkit_with_effects = torch.ops.higher_order.hopkit_with_effects(token, torch.ops.hopkit_test_effects.log.default, sin, 1);  token = None
+    getitem = hopkit_with_effects[0];  hopkit_with_effects = None
+    hopkit_with_effects_1 = torch.ops.higher_order.hopkit_with_effects(getitem, torch.ops.hopkit_test_effects.log.default, sin, 2);  getitem = sin = None
+    getitem_2 = hopkit_with_effects_1[0]
+    getitem_3 = hopkit_with_effects_1[1];  hopkit_with_effects_1 = None
+    mul = torch.ops.aten.mul.Tensor(getitem_3, 2);  getitem_3 = None
+    hopkit_with_effects_2 = torch.ops.higher_order.hopkit_with_effects(getitem_2, torch.ops.hopkit_test_effects.log_nothing.default, mul, 3);  getitem_2 = None
+    getitem_4 = hopkit_with_effects_2[0];  hopkit_with_effects_2 = None
+    hopkit_with_effects_3 = torch.ops.higher_order.hopkit_with_effects(getitem_4, torch.ops.hopkit_test_effects.log_pair.default, mul, 4);  getitem_4 = mul = None
+    getitem_6 = hopkit_with_effects_3[0]
+    getitem_7 = hopkit_with_effects_3[1]
+    getitem_8 = hopkit_with_effects_3[2];  hopkit_with_effects_3 = None
+    hopkit_with_effects_4 = torch.ops.higher_order.hopkit_with_effects(getitem_6, torch.ops.hopkit_test_effects.log.default, getitem_7, 5);  getitem_6 = getitem_7 = None
+    getitem_9 = hopkit_with_effects_4[0];  hopkit_with_effects_4 = None
+    cos = torch.ops.aten.cos.default(getitem_8);  getitem_8 = None
+    return (getitem_9, cos)""")
+    assert_expected_inline(str(ep.graph_signature).strip(), """\
+# inputs
+token: TOKEN
+x: USER_INPUT
+
+# outputs
+getitem_9: TOKEN
+cos: USER_OUTPUT""")
+
+
+def test_exported_module_runs_effects_in_order(ordered: None) -> None:
+    x = torch.randn(3)
+    ep = torch.export.export(Program(), (x,))
+    for prog in (ep, ep.run_decompositions()):
+        LOG.clear()
+        torch.testing.assert_close(prog.module()(x), program(x))
+        assert LOG == [1, 2, 3, 4, 5] * 2
+
+
+def test_exported_program_save_load_round_trip(ordered: None) -> None:
+    x = torch.randn(3)
+    ep = torch.export.export(Program(), (x,)).run_decompositions()
+    buf = io.BytesIO()
+    torch.export.save(ep, buf)
+    buf.seek(0)
+    loaded = torch.export.load(buf)
+    assert [s.kind.name for s in loaded.graph_signature.input_specs] == ["TOKEN", "USER_INPUT"]
+    LOG.clear()
+    torch.testing.assert_close(loaded.module()(x), program(x))
+    assert LOG == [1, 2, 3, 4, 5] * 2
+
+
+def test_export_mixes_with_torch_print(ordered: None) -> None:
+    class M(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            log(x, 1)
+            torch.ops.aten._print("between")
+            return log(x, 2)
+
+    ep = torch.export.export(M(), (torch.randn(2),)).run_decompositions()
+    targets = [n.target for n in ep.graph.nodes if n.op == "call_function"
+               and n.target is not __import__("operator").getitem]
+    assert targets == [with_effects, torch.ops.higher_order.with_effects, with_effects]
+    LOG.clear()
+    ep.module()(torch.randn(2))
+    assert LOG == [1, 2]
+
+
+# ---------------------------------------------------------------------------
+# Import hygiene
+# ---------------------------------------------------------------------------
+
+
+def test_import_does_not_import_inductor() -> None:
+    code = (
+        "import sys, hopkit.effects\n"
+        "bad = [m for m in ('torch._inductor.lowering', 'torch._inductor.graph',"
+        " 'torch._functorch.partitioners') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
