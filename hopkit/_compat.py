@@ -62,7 +62,7 @@ class _PostImportFinder(importlib.abc.MetaPathFinder):
             spec = finder.find_spec(fullname, path, target)
             if spec is not None and spec.loader is not None:
                 spec.loader = _CallbackLoader(spec.loader, fullname)
-                return spec  # type: ignore[no-any-return]
+                return spec
         return None
 
 
@@ -88,6 +88,18 @@ def registered_hop(name: str) -> torch._ops.HigherOrderOperator | None:
     return torch._ops._higher_order_ops.get(name)
 
 
+def publish_hop(hop: torch._ops.HigherOrderOperator) -> None:
+    """Make ``torch.ops.higher_order.<name>`` the newest instance.
+
+    `torch.ops.higher_order` caches an op as an attribute on first access, so
+    a HOP re-created under the same name (a module reload) would otherwise stay
+    shadowed by the old instance.
+    """
+    namespace = torch.ops.higher_order
+    if hop.__name__ in vars(namespace):
+        setattr(namespace, hop.__name__, hop)
+
+
 # Dynamo. torch 2.11-2.13 pick a HOP's variable class by name from
 # `_hop_name_to_variable_class` and fall back to in-tree BaseHOP only by
 # isinstance; hopkit's HOPs get a WrapHigherOrderVariable subclass that allows
@@ -102,11 +114,14 @@ def _make_variable_class(mod: types.ModuleType) -> Any:
     if _hopkit_variable_class is not None:
         return _hopkit_variable_class
 
-    class HopkitHOPVariable(mod.WrapHigherOrderVariable):  # type: ignore[misc, name-defined]
+    class HopkitHOPVariable(mod.WrapHigherOrderVariable):  # type: ignore[name-defined]
         """Dynamo's view of a hopkit HOP: trace the subgraph, keep config constant."""
 
         supports_input_mutation = True
-        supports_aliasing = False
+        # Operands may alias (hop(g, x, x[0])): hopkit's functionalize rule
+        # handles it, and its fake rule refuses outputs that alias, with a
+        # message naming the operand (NOTE [Operands that alias each other]).
+        supports_aliasing = True
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -179,7 +194,7 @@ def _teach_fx_utils_hopkit_subgraphs(mod: types.ModuleType) -> None:
         yield from original(node, valid_subgraphs, *args, **kwargs)
 
     extract._hopkit = True  # type: ignore[attr-defined]
-    mod._extract_subgraphs_and_args = extract
+    setattr(mod, "_extract_subgraphs_and_args", extract)
 
 
 def inline_subgraph_into_graph_lowering(gm: torch.fx.GraphModule, operands: Sequence[Any]) -> Any:
@@ -274,6 +289,25 @@ def tracing_fresh_examples(
             yield examples, _maybe_reenter_make_fx
 
 
+def tag_traced_nodes_as_forward() -> None:
+    """Mark everything traced so far as forward, for the partitioner.
+
+    torch 2.11-2.13's default_partition takes the forward to end at the last
+    node tagged "is_forward" (AOTAutograd tags them the same way in
+    create_joint); untagged, it would recompute the whole forward in backward.
+    """
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    mode = get_proxy_mode()
+    if mode is None:
+        return
+    for node in mode.tracer.graph.nodes:
+        if node.op == "placeholder" and node.name.startswith("tangents"):
+            node.meta["partitioner_tag"] = "is_backward"
+        else:
+            node.meta["partitioner_tag"] = "is_forward"
+
+
 def default_partition(joint: torch.fx.GraphModule, num_fwd_outputs: int) -> tuple[
     torch.fx.GraphModule, torch.fx.GraphModule
 ]:
@@ -291,7 +325,7 @@ def was_mutated(t: torch.Tensor, hop_name: str, index: int) -> bool:
     if not torch._is_functional_tensor(inner):
         return False
     torch._sync(inner)
-    if torch._functionalize_has_metadata_mutation(inner):  # type: ignore[attr-defined]
+    if torch._functionalize_has_metadata_mutation(inner):
         raise RuntimeError(
             f"hopkit: {hop_name}'s subgraph changes the shape or strides of "
             f"operand {index} in place (e.g. t_(), transpose_(), resize_()). A "
@@ -806,6 +840,32 @@ def _inline_one(module: torch.fx.GraphModule, node: torch.fx.Node) -> None:
 # ---------------------------------------------------------------------------
 # export (autocast pass)
 # ---------------------------------------------------------------------------
+# torch 2.11-2.13: torch.export's `_produce_aten_artifact` (torch/export/_trace.py)
+# imports `replace_autocast_with_hop_pass` from this module *when it runs*, so
+# replacing the module attribute for the duration of one export swaps in
+# hopkit's pass. Can go when torch.export accepts the pass as an argument.
+
+import threading as _threading  # noqa: E402
+
+_AUTOCAST_PASS_MODULE = "torch._export.passes.replace_autocast_with_hop_pass"
+_autocast_pass_lock = _threading.RLock()
+
+
+@contextlib.contextmanager
+def export_with_autocast_pass(pass_fn: Callable[..., Any]) -> Iterator[None]:
+    """While active, torch.export runs ``pass_fn`` instead of its autocast pass.
+
+    Process-wide (a module attribute), so concurrent exports are serialized by
+    a lock; the original pass is restored on exit, also when export raises.
+    """
+    module = importlib.import_module(_AUTOCAST_PASS_MODULE)
+    with _autocast_pass_lock:
+        original = getattr(module, "replace_autocast_with_hop_pass")
+        setattr(module, "replace_autocast_with_hop_pass", pass_fn)
+        try:
+            yield
+        finally:
+            setattr(module, "replace_autocast_with_hop_pass", original)
 
 # ---------------------------------------------------------------------------
 # inductor (pointwise subgraph lowering)

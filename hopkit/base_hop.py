@@ -658,11 +658,16 @@ def _recompute_backward(plan: _AutogradPlan) -> tuple[torch.fx.GraphModule, tupl
 def base_hop_functionalize(hop: BaseHOP, ctx: Any, *args: Any, **kwargs: Any) -> Any:
     """Call a functional subgraph; write mutated operands back to the caller.
 
-    See NOTE [BaseHOP input mutation].
+    See NOTE [BaseHOP input mutation] and NOTE [Operands that alias each other].
     """
     leading, subgraph, operands = hop._split(args)
-    unwrapped = ctx.unwrap_tensors(operands)
-    functional = _FunctionalSubgraph(hop, ctx.functionalize, hop._bind(leading, subgraph, kwargs))
+    views, overlapping = _operand_views(operands)
+    roots = [i for i in range(len(operands)) if i not in views]
+    unwrapped = ctx.unwrap_tensors(tuple(operands[i] for i in roots))
+    body = hop._bind(leading, subgraph, kwargs)
+    if views:
+        body = _rebuild_operand_views(body, len(operands), roots, views, operands)
+    functional = _FunctionalSubgraph(hop, ctx.functionalize, body)
     _mark_internal(functional, like=subgraph)
     with ctx.redispatch_to_next():
         res = hop(*leading, functional, *unwrapped, **kwargs)
@@ -670,12 +675,106 @@ def base_hop_functionalize(hop: BaseHOP, ctx: Any, *args: Any, **kwargs: Any) ->
     mutated = functional.mutated
     assert mutated is not None, "the functional subgraph records its mutations when run"
     num_outputs = len(res) - len(mutated)
-    for i, new_value in zip(mutated, res[num_outputs:]):
-        ctx.replace(operands[i], new_value)
-        ctx.commit_update(operands[i])
-        ctx.sync(operands[i])
+    for k in mutated:
+        if roots[k] in overlapping:
+            i, j = overlapping[roots[k]]
+            raise RuntimeError(
+                f"hopkit: {hop._name}'s subgraph mutates operand {roots[k]}, which "
+                f"shares storage with operand {j if i == roots[k] else i} without "
+                f"either lying within the other, so the mutation cannot be "
+                f"replayed on both. Pass the tensor they are views of as one "
+                f"operand and take the views inside the subgraph."
+            )
+    for k, new_value in zip(mutated, res[num_outputs:]):
+        target = operands[roots[k]]
+        ctx.replace(target, new_value)
+        ctx.commit_update(target)
+        ctx.sync(target)
     outs = ctx.wrap_tensors(tuple(res[:num_outputs]))
     return outs[0] if functional.single_output else outs
+
+
+# NOTE [Operands that alias each other]
+# hop(g, x, x[0]) passes two operands that share storage. Eager sees a mutation
+# of one through the other; functionalization would not, since it wraps each
+# operand on its own. So the functional call passes only the "root" operand of
+# each group, and the body rebuilds the others as views of it with a hopkit
+# ViewMeta (an as_strided relative to the root), so a mutation through either
+# lands in one functional storage and is written back once, to the root.
+# Operands that overlap without one containing the other are refused.
+
+
+def _element_range(t: torch.Tensor) -> tuple[Any, Any]:  # ints or SymInts
+    lo = hi = t.storage_offset()
+    for size, stride in zip(t.shape, t.stride()):
+        if size == 0:
+            return (lo, lo - 1)
+        span = (size - 1) * stride
+        lo, hi = (lo + span, hi) if span < 0 else (lo, hi + span)
+    return lo, hi
+
+
+def _operand_views(operands: Sequence[Any]) -> tuple[dict[int, int], dict[int, tuple[int, int]]]:
+    """Operands that are views of another: ({view: root}, {operand: overlapping pair}).
+
+    Partly overlapping operands are fine as long as the subgraph does not
+    mutate them; the caller refuses a mutation of one.
+    """
+    groups: dict[int, list[int]] = {}
+    for i, t in enumerate(operands):
+        if isinstance(t, torch.Tensor) and t.layout is torch.strided:
+            try:
+                key = t.untyped_storage()._cdata
+            except (RuntimeError, NotImplementedError):
+                continue
+            groups.setdefault(key, []).append(i)
+    views: dict[int, int] = {}
+    overlapping: dict[int, tuple[int, int]] = {}
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        ranges = {i: _element_range(operands[i]) for i in members}
+        root = min(members, key=lambda i: (ranges[i][0], -ranges[i][1]))
+        for j in members:
+            if j == root:
+                continue
+            if ranges[root][0] <= ranges[j][0] and ranges[j][1] <= ranges[root][1]:
+                views[j] = root
+            else:
+                overlapping[root] = overlapping[j] = (root, j)
+    return views, overlapping
+
+
+def _rebuild_operand_views(body: Callable[..., Any], n: int, roots: list[int],
+                           views: dict[int, int], operands: Sequence[Any]) -> Callable[..., Any]:
+    from hopkit.functionalization import ViewMeta, apply_view_meta_sequence
+
+    geometry = {
+        j: (tuple(operands[j].shape), tuple(operands[j].stride()),
+            operands[j].storage_offset() - operands[r].storage_offset(),
+            tuple(operands[r].stride()))
+        for j, r in views.items()
+    }
+
+    def rebuilt(*root_args: Any) -> Any:
+        full: list[Any] = [None] * n
+        for k, i in enumerate(roots):
+            full[i] = root_args[k]
+        for j, r in views.items():
+            size, stride, offset, root_stride = geometry[j]
+            base = full[r]
+            if tuple(base.stride()) != root_stride:
+                raise RuntimeError(
+                    "hopkit: cannot rebuild an operand that aliases another: the "
+                    "functionalized operand lost its strides; pass the common "
+                    "base tensor as one operand instead."
+                )
+            meta = ViewMeta(torch.ops.aten.as_strided.default,
+                            (size, stride, base.storage_offset() + offset))
+            full[j] = apply_view_meta_sequence(base, [meta])
+        return body(*full)
+
+    return rebuilt
 
 
 class _FunctionalSubgraph(FunctionWithNoFreeVars):

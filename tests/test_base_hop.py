@@ -492,6 +492,120 @@ def test_mutation_with_grad_on_other_operands() -> None:
     torch.testing.assert_close(grad, ref_buf)
 
 
+def test_mutation_of_a_buffer_while_training(backend: str) -> None:
+    """A BatchNorm-like body: updates running stats, trains its weight."""
+
+    def body(x: torch.Tensor, w: torch.Tensor, stats: torch.Tensor) -> tuple[torch.Tensor]:
+        stats.add_(x.detach().mean(0))
+        return ((x @ w).relu(),)
+
+    class M(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(4, 4, generator=torch.Generator().manual_seed(0)))
+            self.register_buffer("stats", torch.zeros(4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return invoke_quant(body, x, self.w, self.stats)[0].sum()
+
+    model, ref = M(), M()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    for _ in range(2):
+        compiled(x).backward()
+        body(x, ref.w, ref.stats)[0].sum().backward()
+    torch.testing.assert_close(model.stats, ref.stats)
+    torch.testing.assert_close(model.w.grad, ref.w.grad)
+
+
+# Operands that alias each other: NOTE [Operands that alias each other].
+
+
+def mutate_whole_read_row(x: torch.Tensor, row: torch.Tensor) -> tuple[torch.Tensor]:
+    x.mul_(2)
+    return (row + 1,)
+
+
+def mutate_column_read_whole(x: torch.Tensor, col: torch.Tensor) -> tuple[torch.Tensor]:
+    col.mul_(10)
+    return (x + 1,)
+
+
+ALIASED = [
+    pytest.param(mutate_whole_read_row, lambda a: a[0], id="row_of_x"),
+    pytest.param(mutate_column_read_whole, lambda a: a.t()[1], id="column_of_x"),
+]
+
+
+@pytest.mark.parametrize("mode", ["eager", "functionalize", "aot_eager", "inductor"])
+@pytest.mark.parametrize("body,view", ALIASED)
+def test_operands_that_alias_each_other(body: Callable[..., Any], view: Callable[..., Any],
+                                        mode: str) -> None:
+    x0 = torch.arange(6.0).reshape(2, 3)
+    x_ref = x0.clone()
+    ref = body(x_ref, view(x_ref))[0]
+    x = x0.clone()
+    wrapped = hopkit.FunctionWithNoFreeVars(body)
+    if mode == "eager":
+        out = invoke_quant(wrapped, x, view(x))[0]
+    elif mode == "functionalize":
+        out = torch.func.functionalize(lambda a: invoke_quant(wrapped, a, view(a)))(x)[0]
+    else:
+        out = torch.compile(lambda a: invoke_quant(body, a, view(a))[0], backend=mode,
+                            fullgraph=True)(x)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(x, x_ref)
+
+
+def test_overlapping_operands_are_fine_until_mutated() -> None:
+    x = torch.arange(6.0).reshape(2, 3)
+    reader = hopkit.FunctionWithNoFreeVars(lambda a, b: (a * b,))
+    out = torch.func.functionalize(lambda t: invoke_quant(reader, t[:, :2], t[:, 1:]))(x)[0]
+    torch.testing.assert_close(out, x[:, :2] * x[:, 1:])
+    writer = hopkit.FunctionWithNoFreeVars(mutate_column_read_whole)
+    msg = error_of(lambda: torch.func.functionalize(
+        lambda t: invoke_quant(writer, t[:, :2], t[:, 1:]))(x.clone()), RuntimeError)
+    assert_expected_inline(msg, """hopkit: hopkit_test_invoke_quant's subgraph mutates operand 1, which shares storage with operand 0 without either lying within the other, so the mutation cannot be replayed on both. Pass the tensor they are views of as one operand and take the views inside the subgraph.""")
+
+
+def test_output_aliasing_refused_under_compile() -> None:
+    with pytest.raises(Exception, match="returned output 0, which aliases operand 0"):
+        torch.compile(lambda a: invoke_quant(lambda v: (v[0],), a)[0], backend="aot_eager",
+                      fullgraph=True)(torch.randn(2, 3))
+
+
+class Outer(hopkit.BaseHOP):
+    def __init__(self) -> None:
+        super().__init__("hopkit_test_outer")
+
+
+outer = Outer()
+
+
+def inner_body(x: torch.Tensor) -> tuple[torch.Tensor]:
+    return (x.sin() * 2,)
+
+
+def outer_body(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor]:
+    return (invoke_quant(inner_body, x, scheme="int8")[0] * y,)
+
+
+def test_nested_hops(backend: str) -> None:
+    x, y = inputs("cpu")
+
+    def fn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return outer(outer_body, a, b)[0] + 1
+
+    def ref(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return inner_body(a)[0] * b + 1
+
+    out, grads = grads_of(torch.compile(fn, backend=backend, fullgraph=True), x, y)
+    ref_out, ref_grads = grads_of(ref, x, y)
+    torch.testing.assert_close(out, ref_out)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+
+
 # ---------------------------------------------------------------------------
 # gen_schema
 # ---------------------------------------------------------------------------
