@@ -49,6 +49,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import importlib
 import types
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -833,7 +834,11 @@ def base_hop_proxy(hop: BaseHOP, mode: ProxyTorchDispatchMode, *args: Any, **kwa
 
     leading, subgraph, operands = hop._split(args)
     tracer: Any = mode.tracer  # a PythonKeyTracer while make_fx traces
-    gm = reenter_make_fx(hop._bind(leading, subgraph, kwargs))(*operands)
+    # Pre-dispatch tracing (torch.export's first stage) records a context such
+    # as autocast as enter/exit nodes instead of applying it; the body is
+    # traced bare there, and the HOP node applies the context whenever it runs.
+    body = subgraph if getattr(mode, "pre_dispatch", False) else hop._bind(leading, subgraph, kwargs)
+    gm = reenter_make_fx(body)(*operands)
     _mark_internal(gm, like=subgraph)
     name = _fresh_attr_name(tracer.root, "subgraph")
     tracer.root.register_module(name, gm)
@@ -907,3 +912,18 @@ def _gen_schema(hop: BaseHOP, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
 def _output_vals(gm: torch.fx.GraphModule) -> Any:
     out = gm.graph.find_nodes(op="output")[0].args[0]
     return pytree.tree_map_only(torch.fx.Node, lambda n: n.meta.get("val"), out)
+
+
+# torch.export.load resolves `torch.ops.higher_order.<name>` by name, so the HOPs
+# hopkit ships must exist by then. They are created when torch's deserializer
+# is first imported rather than at `import hopkit`. (A user's own HOP, like a
+# custom op, needs its defining module imported before loading.)
+_SHIPPED_HOP_MODULES = ("hopkit.effects", "hopkit.export")
+
+
+def _create_shipped_hops(_: types.ModuleType) -> None:
+    for module in _SHIPPED_HOP_MODULES:
+        importlib.import_module(module)
+
+
+_compat.when_imported("torch._export.serde.serialize", _create_shipped_hops)
