@@ -587,6 +587,7 @@ def _wrap_force_save_effectful_ops(mod: _Any) -> None:
 
     @_functools.wraps(original)
     def force_save_effectful_ops(joint_module: torch.fx.GraphModule, *args: _Any, **kwargs: _Any) -> _Any:
+        token_tags: list[tuple[torch.fx.Node, _Any]] = []
         for node in joint_module.graph.nodes:
             if not _is_hopkit_with_effects(node) or mod._has_tag_is_backward(node):
                 continue
@@ -594,13 +595,22 @@ def _wrap_force_save_effectful_ops(mod: _Any) -> None:
             # nodes (the default partitioner skips multi-output nodes here).
             node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
             for user in node.users:
-                if (
-                    user.target is _operator.getitem
-                    and user.args[1] != 0  # the token
-                    and isinstance(user.meta.get("val"), torch.Tensor)
-                ):
+                if user.target is not _operator.getitem:
+                    continue
+                if user.args[1] == 0:
+                    token_tags.append((user, user.meta.get("recompute")))
+                elif isinstance(user.meta.get("val"), torch.Tensor):
                     user.meta["recompute"] = CheckpointPolicy.MUST_SAVE
-        return original(joint_module, *args, **kwargs)
+        result = original(joint_module, *args, **kwargs)
+        # torch marks the token output MUST_SAVE too. Outside checkpointed
+        # regions that only makes the default partitioner save a token that
+        # backward never reads (and copy the effect into backward, where its
+        # inputs are all saved); untag it there. Inside a region the min-cut
+        # solver needs the tag (a recompute-tagged token must be recomputed).
+        for user, tag in token_tags:
+            if tag is None:
+                user.meta.pop("recompute", None)
+        return result
 
     setattr(force_save_effectful_ops, _EFFECTS_WRAPPED_MARK, original)
     mod.force_save_effectful_ops = force_save_effectful_ops

@@ -890,9 +890,9 @@ with_effects.py_impl(FakeTensorMode)(with_effects_fake)
 with_effects.py_impl(ProxyTorchDispatchMode)(with_effects_proxy)
 for _transform in _compat.functorch_transforms():
     with_effects.py_impl(_transform)(with_effects_functorch)
-# FX dead-code elimination never drops a with_effects node, even one whose
-# outputs (token included) are all unused.
-_compat.set_side_effectful(with_effects, True)
+# Not marked side-effectful for FX: the token chain keeps every call alive
+# where it must run, and the partitioner copies impure nodes into the backward
+# graph whenever their inputs are saved, which would run them twice.
 # Route AOTAutograd / export / the partitioner through hopkit for registered ops.
 _compat.install_effects_integration(_integration())
 

@@ -535,12 +535,21 @@ def both(x: torch.Tensor) -> torch.Tensor:
     return LogInBackward.apply(y).cos()
 
 
+def both_saved(x: torch.Tensor) -> torch.Tensor:
+    # The forward effect reads a value backward saves: the partitioner must
+    # still not copy the effect into the backward graph.
+    y = LogInBackward.apply(x.sin())
+    log(y, 1)
+    return y.cos()
+
+
 @pytest.mark.parametrize(
     "fn, fw_log, bw_log",
     [
         pytest.param(forward_only, [1], [], id="forward_only"),
         pytest.param(backward_only, [], [100, 101], id="backward_only"),
         pytest.param(both, [1], [100, 101], id="both"),
+        pytest.param(both_saved, [1], [100, 101], id="both_saved"),
     ],
 )
 @pytest.mark.parametrize("backend", ["aot_eager", "aot_eager_decomp_partition", "inductor"])
@@ -581,7 +590,7 @@ def forward(self, primals_1, tangents_1, tangents_token):
     return (mul_1, getitem_2)""")
 
 
-@pytest.mark.parametrize("backend", ["aot_eager_decomp_partition", "inductor"])
+@pytest.mark.parametrize("backend", ["aot_eager", "aot_eager_decomp_partition", "inductor"])
 def test_activation_checkpointing_never_recomputes_effects(ordered: None, backend: str) -> None:
     def region(x: torch.Tensor) -> torch.Tensor:
         return log(x.sin(), 1).cos() * 3
@@ -693,3 +702,181 @@ def test_import_does_not_import_inductor() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------------------
+# Effects inside HOP subgraphs (NOTE [Effect tokens inside subgraphs])
+# ---------------------------------------------------------------------------
+
+
+def _make_toy_subgraph_hop() -> Any:
+    """A throwaway subgraph HOP ``call(subgraph, *args) -> subgraph(*args)``
+    whose functionalization rule uses ``subgraph_effects``."""
+    import torch.utils._pytree as pytree
+    from torch._C import DispatchKey
+    from torch._higher_order_ops.utils import reenter_make_fx
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import ProxyTorchDispatchMode, track_tensor_tree
+
+    from hopkit.effects import subgraph_effects
+
+    class Call(torch._ops.HigherOrderOperator):
+        def __init__(self) -> None:
+            super().__init__("hopkit_test_effects_call")
+
+        def __call__(self, subgraph: Any, *args: Any) -> Any:
+            return super().__call__(subgraph, *args)
+
+    call = Call()
+
+    def dense(subgraph: Any, *args: Any) -> Any:
+        return tuple(subgraph(*args))
+
+    def fake(mode: Any, subgraph: Any, *args: Any) -> Any:
+        with mode:
+            return dense(subgraph, *args)
+
+    def proxy(mode: Any, subgraph: Any, *args: Any) -> Any:
+        gm = reenter_make_fx(subgraph)(*args)
+        i = 0
+        while hasattr(mode.tracer.root, f"body_{i}"):
+            i += 1
+        mode.tracer.root.register_module(f"body_{i}", gm)
+        proxy_args = pytree.tree_map(mode.tracer.unwrap_proxy, (gm, *args))
+        out_proxy = mode.tracer.create_proxy("call_function", call, proxy_args, {})
+        return track_tensor_tree(call(gm, *args), out_proxy, constant=None, tracer=mode.tracer)
+
+    def functionalize(ctx: Any, subgraph: Any, *args: Any) -> Any:
+        unwrapped = ctx.unwrap_tensors(args)
+        with subgraph_effects(ctx, call):
+            with ctx.redispatch_to_next():
+                out = call(ctx.functionalize(subgraph), *unwrapped)
+        return ctx.wrap_tensors(out)
+
+    call.py_impl(DispatchKey.CompositeExplicitAutograd)(dense)
+    for key in _compat.autograd_dispatch_keys():
+        call.fallthrough(key)
+    call.py_impl(FakeTensorMode)(fake)
+    call.py_impl(ProxyTorchDispatchMode)(proxy)
+    call.py_functionalize_impl(functionalize)
+    return call
+
+
+@pytest.fixture
+def toy_call() -> Iterator[Any]:
+    call = _make_toy_subgraph_hop()
+    try:
+        yield call
+    finally:
+        torch._ops._higher_order_ops.pop("hopkit_test_effects_call", None)
+
+
+def _around_a_subgraph(call: Any, nested: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+    def inner(x: torch.Tensor) -> tuple[torch.Tensor]:
+        log(x, 3)                   # result unused
+        return (log(x.sin(), 4),)
+
+    def body(x: torch.Tensor) -> tuple[torch.Tensor]:
+        log(x, 2)
+        y = call(inner, x)[0] if nested else inner(x)[0]
+        return (log(y, 5),)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        log(x, 1)
+        y = call(body, x)[0]
+        log(y, 6)
+        return y.cos()
+
+    return f
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["flat", "nested"])
+def test_effects_inside_a_subgraph_hop_keep_their_place(ordered: None, toy_call: Any,
+                                                         nested: bool) -> None:
+    from functorch.compile import aot_function
+
+    f = _around_a_subgraph(toy_call, nested)
+    graphs: list[torch.fx.GraphModule] = []
+
+    def record(gm: torch.fx.GraphModule, _: Any) -> torch.fx.GraphModule:
+        graphs.append(gm)
+        return gm
+
+    x = torch.randn(3)
+    torch.testing.assert_close(aot_function(f, fw_compiler=record)(x), f(x))
+    assert LOG == [1, 2, 3, 4, 5, 6] * 2  # compiled, then eager
+    (gm,) = graphs
+    # One token chain; the HOP call is one link of it, its body stays plain.
+    assert_expected_inline(normalize(gm.code), """\
+def forward(self, arg0_1, arg1_1):
+    hopkit_with_effects = torch.ops.higher_order.hopkit_with_effects(arg0_1, torch.ops.hopkit_test_effects.log.default, arg1_1, 1);  arg0_1 = None
+    getitem = hopkit_with_effects[0];  hopkit_with_effects = None
+    body_0 = self.body_0
+    hopkit_with_effects_1 = torch.ops.higher_order.hopkit_with_effects(getitem, torch.ops.higher_order.hopkit_test_effects_call, body_0, arg1_1);  getitem = body_0 = arg1_1 = None
+    getitem_3 = hopkit_with_effects_1[0]
+    getitem_2 = hopkit_with_effects_1[1];  hopkit_with_effects_1 = None
+    hopkit_with_effects_2 = torch.ops.higher_order.hopkit_with_effects(getitem_3, torch.ops.hopkit_test_effects.log.default, getitem_2, 6);  getitem_3 = None
+    getitem_4 = hopkit_with_effects_2[0];  hopkit_with_effects_2 = None
+    cos = torch.ops.aten.cos.default(getitem_2);  getitem_2 = None
+    return (getitem_4, cos)""")
+    if not nested:
+        return
+    # A nested HOP call stays plain too: only the outermost call is threaded.
+    assert_expected_inline(normalize(gm.body_0.body_0.code), """\
+def forward(self, arg0_1):
+    log = torch.ops.hopkit_test_effects.log.default(arg0_1, 3);  log = None
+    sin = torch.ops.aten.sin.default(arg0_1);  arg0_1 = None
+    log_1 = torch.ops.hopkit_test_effects.log.default(sin, 4);  sin = None
+    return (log_1,)""")
+    assert_expected_inline(normalize(gm.body_0.code), """\
+def forward(self, arg0_1):
+    log = torch.ops.hopkit_test_effects.log.default(arg0_1, 2);  log = None
+    body_0 = self.body_0
+    hopkit_test_effects_call = torch.ops.higher_order.hopkit_test_effects_call(body_0, arg0_1);  body_0 = arg0_1 = None
+    getitem = hopkit_test_effects_call[0];  hopkit_test_effects_call = None
+    log_1 = torch.ops.hopkit_test_effects.log.default(getitem, 5);  getitem = None
+    return (log_1,)""")
+
+
+def test_effects_inside_a_subgraph_hop_export(ordered: None, toy_call: Any) -> None:
+    f = _around_a_subgraph(toy_call)
+
+    class M(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return f(x)
+
+    x = torch.randn(3)
+    ep = torch.export.export(M(), (x,), strict=False).run_decompositions()
+    assert [s.kind.name for s in ep.graph_signature.input_specs] == ["TOKEN", "USER_INPUT"]
+    LOG.clear()
+    torch.testing.assert_close(ep.module()(x), f(x))
+    assert LOG == [1, 2, 3, 4, 5, 6] * 2
+
+
+def _basehop_threads_effects() -> bool:
+    import inspect
+
+    import hopkit.base_hop
+
+    return "subgraph_effects" in inspect.getsource(hopkit.base_hop)
+
+
+@pytest.mark.xfail(not _basehop_threads_effects(),
+                   reason="BaseHOP's functionalization rule does not use subgraph_effects yet")
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_effects_inside_basehop(ordered: None, backend: str) -> None:
+    import hopkit
+
+    class Region(hopkit.BaseHOP):
+        def __init__(self) -> None:
+            super().__init__("hopkit_test_effects_region")
+
+    region = Region()
+    try:
+        f = _around_a_subgraph(region)
+        x = torch.randn(3)
+        out = torch.compile(f, backend=backend, fullgraph=True)(x)
+        assert LOG == [1, 2, 3, 4, 5, 6]
+        torch.testing.assert_close(out, f(x))
+    finally:
+        torch._ops._higher_order_ops.pop("hopkit_test_effects_region", None)
