@@ -62,7 +62,6 @@ from torch._higher_order_ops.base_hop import FunctionWithNoFreeVars as TorchFn
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import hopkit
-from hopkit.base_hop import joint_graph_cache_info
 
 VARIANTS = ("plain", "hopkit", "in-tree")
 
@@ -268,10 +267,8 @@ def bench_eager_fwd_bwd(body: str, args: argparse.Namespace, limit: float) -> No
         grads[v] = torch.autograd.grad(out.sum(), operands)
     for v in ("hopkit", "in-tree"):
         torch.testing.assert_close(grads[v], grads["plain"])
-    misses = joint_graph_cache_info().misses
+    # In plain eager hopkit traces nothing (NOTE [BaseHOP plain-eager fast path]).
     stats = time_alternating(steps, args)
-    # hopkit builds its joint graph once; the timed steps must all reuse it.
-    assert joint_graph_cache_info().misses == misses, "hopkit re-traced during timing"
     label = f"({'a' if body == 'tiny' else 'b'}) eager fwd+bwd, {body}"
     ROWS.append(Row(label, stats))
     add_target(label, stats, "hopkit", "plain", limit)

@@ -239,19 +239,44 @@ def lower_pointwise_hop(hop: Any, gm: torch.fx.GraphModule, operands: Sequence[A
 # Autograd and tracing helpers.
 
 
-def any_dispatch_mode_active() -> bool:
-    return bool(torch._C._len_torch_dispatch_stack())
+# Dispatch keys a plain dense tensor carries (torch 2.11-2.13 names); a tensor
+# with any other key (Python, Functionalize, FuncTorchBatched, Sparse, Nested,
+# ...) takes the dispatcher.
+_PLAIN_KEYS = frozenset({
+    "CPU", "CUDA", "ADInplaceOrView", "AutogradCPU", "AutogradCUDA",
+    "AutocastCPU", "AutocastCUDA",
+})
+_plain_keysets: dict[int, bool] = {}
 
 
-def autocast_state() -> Any:
-    """What of autocast changes a traced graph (torch 2.11-2.13 API)."""
-    if not torch._C._is_any_autocast_enabled():
-        return None
-    return tuple(
-        (d, torch.get_autocast_dtype(d))
-        for d in ("cpu", "cuda")
-        if torch.is_autocast_enabled(d)
-    )
+def _keyset_is_plain(keys: Any) -> bool:
+    raw = keys.raw_repr()
+    plain = _plain_keysets.get(raw)
+    if plain is None:
+        names = str(keys)[len("DispatchKeySet("):-1].split(", ")
+        plain = _plain_keysets[raw] = set(names) <= _PLAIN_KEYS
+    return plain
+
+
+def is_plain_eager(operands: Sequence[Any]) -> bool:
+    """True when running a HOP's dense rule directly is what dispatch would do.
+
+    No torch dispatch mode, no functorch transform, no __torch_function__, and
+    every tensor operand a plain dense CPU/CUDA tensor.
+    """
+    if torch._C._len_torch_dispatch_stack() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    for t in operands:
+        if isinstance(t, torch.Tensor) and not _keyset_is_plain(torch._C._dispatch_keys(t)):
+            return False
+    return not torch._C._has_torch_function(tuple(operands))
+
+
+def all_fake(operands: Sequence[Any]) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    tensors = [t for t in operands if isinstance(t, torch.Tensor)]
+    return bool(tensors) and all(isinstance(t, FakeTensor) for t in tensors)
 
 
 @contextlib.contextmanager

@@ -18,17 +18,26 @@ pointwise bodies fuse through ``hopkit.inductor``), and the Dynamo variable
 (``hopkit._compat.HopkitHOPVariable``, since it subclasses a Dynamo-internal
 class). The registration block is ``BaseHOP._register_rules``.
 
-NOTE [BaseHOP autograd: one joint trace, partitioned, cached]
-Torch's in-tree BaseHOP re-traces a joint graph in every backward and
-recomputes the forward inside it. hopkit traces the joint of the subgraph once
-per (subgraph, operand metadata, autocast state), with fake tensors so nothing
-runs for real, and partitions it with no recomputation
+NOTE [BaseHOP plain-eager fast path]
+Called on plain dense tensors with no mode, no functorch transform and no
+__torch_function__ active, the HOP skips the dispatcher (whose Python
+HigherOrderOperator dispatch flattens the arguments twice per key) and runs its
+dense rule directly. With grad enabled, autograd then records the body's ops as
+they run: that is eager's semantics exactly (double backward, RNG, data-
+dependent bodies, autocast's backward included), nothing is traced, and the body
+runs once. Everything else goes through the dispatcher and the rules below.
+
+NOTE [BaseHOP autograd: one joint trace, partitioned]
+Where the autograd rule runs (make_fx or AOTAutograd tracing a function whose
+operands need grad), the backward must itself be a HOP call. Torch's in-tree
+BaseHOP re-traces a joint graph in every backward and recomputes the forward
+inside it. hopkit traces the joint of the subgraph once per HOP call, with fake
+tensors so nothing runs for real, and partitions it with no recomputation
 (``default_partition``) into a forward graph that returns the outputs plus
 the activations backward needs, and a backward graph. The forward graph *is*
 the body: it runs exactly once per call, and a side effect in it (see
-``hopkit.effects``) is never repeated in backward. Eager runs the cached
-graphs; under tracing (make_fx, AOTAutograd) the same graphs become one HOP
-node in the forward graph and one in the backward graph. The tangents are
+``hopkit.effects``) is never repeated in backward. Under tracing the two graphs
+become one HOP node in the forward graph and one in the backward graph. The tangents are
 assumed contiguous, with the outputs' dtypes, as AOTAutograd assumes; backward
 makes them so.
 
@@ -51,7 +60,6 @@ import dataclasses
 import functools
 import importlib
 import types
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
@@ -64,7 +72,7 @@ from torch.fx.experimental.proxy_tensor import ProxyTorchDispatchMode
 
 from hopkit import _compat
 
-__all__ = ["BaseHOP", "FunctionWithNoFreeVars", "joint_graph_cache_info"]
+__all__ = ["BaseHOP", "FunctionWithNoFreeVars"]
 
 
 # ---------------------------------------------------------------------------
@@ -80,8 +88,6 @@ class FunctionWithNoFreeVars:
     ``torch.compile`` Dynamo lifts free variables itself, so a plain function
     or lambda is accepted there.)
 
-    Joint graphs are cached by the wrapped function, so wrapping the same
-    function anew on every call still hits the cache.
     """
 
     __slots__ = ("fn",)
@@ -100,16 +106,6 @@ class FunctionWithNoFreeVars:
 
     def __repr__(self) -> str:
         return f"FunctionWithNoFreeVars({getattr(self.fn, '__qualname__', self.fn)!r})"
-
-
-def _cache_owner(subgraph: Any) -> Any:
-    """The object whose identity names a subgraph's behaviour, for caching."""
-    fn = subgraph.fn if isinstance(subgraph, FunctionWithNoFreeVars) else subgraph
-    if isinstance(fn, types.FunctionType) and fn.__closure__ is None:
-        # A closure-free function is determined by its code and globals, so a
-        # lambda re-created on every call still hits the cache.
-        return (fn.__code__, id(fn.__globals__), fn.__defaults__)
-    return fn
 
 
 # ---------------------------------------------------------------------------
@@ -186,6 +182,9 @@ class BaseHOP(HigherOrderOperator):
                 f"read free variables; pass them as operands), or call the HOP "
                 f"inside torch.compile."
             )
+        if _compat.is_plain_eager(args[n + 1 :]):
+            # NOTE [BaseHOP plain-eager fast path]
+            return base_hop_dense(self, *args, **kwargs)
         return super().__call__(*args, **kwargs)
 
     def subgraph_context(
@@ -308,7 +307,8 @@ def _storage_key(t: torch.Tensor) -> int | None:
 
 
 def _check_no_output_aliasing(hop: BaseHOP, operands: Sequence[Any], out: Any) -> None:
-    outs = out if isinstance(out, (tuple, list)) else (out,)
+    """Outputs must be tensors (or None), none aliasing an operand or another output."""
+    outs = _flat_outputs(hop, out)
     seen: dict[int, str] = {}
     for i, t in enumerate(operands):
         if isinstance(t, torch.Tensor):
@@ -350,7 +350,7 @@ def base_hop_autograd(hop: BaseHOP, *args: Any, **kwargs: Any) -> Any:
     ):
         with torch._C._AutoDispatchBelowAutograd():
             return hop(*args, **kwargs)
-    plan = _autograd_plan(hop, leading, subgraph, operands, kwargs)
+    plan = _build_autograd_plan(hop, leading, subgraph, operands, kwargs)
     outs = _BaseHOPFunction.apply(hop, plan, leading, kwargs, *operands)
     return outs[0] if plan.single_output else outs
 
@@ -425,93 +425,6 @@ class _BaseHOPFunction(torch.autograd.Function):
         for i, g in zip(plan.diff_operands, res):
             operand_grads[i] = g
         return (None, None, None, None, *operand_grads)
-
-
-class _PlanCache:
-    """Autograd plans per subgraph owner, then per operand metadata."""
-
-    def __init__(self) -> None:
-        self._weak: weakref.WeakKeyDictionary[Any, dict[Any, _AutogradPlan]] = (
-            weakref.WeakKeyDictionary()
-        )
-        self._strong: dict[Any, dict[Any, _AutogradPlan]] = {}
-        self.hits = 0
-        self.misses = 0
-
-    def table(self, owner: Any) -> dict[Any, _AutogradPlan]:
-        store: Any = self._strong if isinstance(owner, tuple) else self._weak
-        try:
-            return store.setdefault(owner, {})
-        except TypeError:  # neither hashable-by-tuple nor weak-referenceable
-            return {}
-
-    def clear(self) -> None:
-        self._weak = weakref.WeakKeyDictionary()
-        self._strong.clear()
-        self.hits = self.misses = 0
-
-
-_plan_cache = _PlanCache()
-
-
-@dataclasses.dataclass(frozen=True)
-class CacheInfo:
-    hits: int
-    misses: int
-
-
-def joint_graph_cache_info(clear: bool = False) -> CacheInfo:
-    """How often eager autograd reused a joint graph (hits) or traced one (misses).
-
-    ``clear=True`` empties the cache after reading it.
-    """
-    info = CacheInfo(_plan_cache.hits, _plan_cache.misses)
-    if clear:
-        _plan_cache.clear()
-    return info
-
-
-def _metadata_key(hop: BaseHOP, leading: tuple[Any, ...], operands: Sequence[Any],
-                  kwargs: dict[str, Any]) -> Any:
-    parts: list[Any] = [hop, leading, _compat.autocast_state()]
-    if hop._has_context:
-        parts.append(tuple(sorted(kwargs.items())))
-    for t in operands:
-        if isinstance(t, torch.Tensor):
-            parts.append(
-                (t.shape, t.stride(), t.dtype, t.device, t.requires_grad, t.layout)
-            )
-        else:
-            parts.append((type(t), t))
-    return tuple(parts)
-
-
-def _is_concrete(operands: Sequence[Any]) -> bool:
-    """True in plain eager: no tracing mode, no fake or symbolic operands."""
-    if _compat.any_dispatch_mode_active():
-        return False
-    for t in operands:
-        if isinstance(t, torch.Tensor) and type(t) not in (torch.Tensor, torch.nn.Parameter):
-            return False
-        if isinstance(t, torch.SymInt | torch.SymFloat | torch.SymBool):
-            return False
-    return True
-
-
-def _autograd_plan(hop: BaseHOP, leading: tuple[Any, ...], subgraph: Any,
-                   operands: Sequence[Any], kwargs: dict[str, Any]) -> _AutogradPlan:
-    if not _is_concrete(operands):
-        return _build_autograd_plan(hop, leading, subgraph, operands, kwargs)
-    table = _plan_cache.table(_cache_owner(subgraph))
-    key = _metadata_key(hop, leading, operands, kwargs)
-    plan = table.get(key)
-    if plan is None:
-        _plan_cache.misses += 1
-        plan = _build_autograd_plan(hop, leading, subgraph, operands, kwargs)
-        table[key] = plan
-    else:
-        _plan_cache.hits += 1
-    return plan
 
 
 def _build_autograd_plan(hop: BaseHOP, leading: tuple[Any, ...], subgraph: Any,
@@ -839,14 +752,23 @@ def base_hop_proxy(hop: BaseHOP, mode: ProxyTorchDispatchMode, *args: Any, **kwa
     # traced bare there, and the HOP node applies the context whenever it runs.
     body = subgraph if getattr(mode, "pre_dispatch", False) else hop._bind(leading, subgraph, kwargs)
     gm = reenter_make_fx(body)(*operands)
-    _mark_internal(gm, like=subgraph)
     name = _fresh_attr_name(tracer.root, "subgraph")
     tracer.root.register_module(name, gm)
     node_args = (*leading, gm, *operands)
     proxy_args = pytree.tree_map(tracer.unwrap_proxy, node_args)
     proxy_kwargs = pytree.tree_map(tracer.unwrap_proxy, kwargs)
     out_proxy = tracer.create_proxy("call_function", hop, proxy_args, proxy_kwargs)
-    out = hop(*leading, gm, *operands, **kwargs)
+    # Under fake tracing the trace already computed the (fake) outputs: take
+    # them from it rather than running the body a second time.
+    out = _output_vals(gm) if _compat.all_fake(operands) else None
+    if out is None or any(
+        v is None for v in pytree.tree_leaves(out, is_leaf=lambda v: v is None)
+    ):
+        out = hop(*leading, gm, *operands, **kwargs)
+    elif not _is_internal(subgraph):
+        _check_no_output_aliasing(hop, operands, out)
+    # Checked once here; the traced graph need not be checked at every run.
+    _mark_internal(gm)
     return track_tensor_tree(out, out_proxy, constant=None, tracer=tracer)
 
 
