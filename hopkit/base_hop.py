@@ -279,6 +279,10 @@ def _check_new_hop_name(cls: type, name: str) -> None:
 def base_hop_dense(hop: BaseHOP, *args: Any, **kwargs: Any) -> Any:
     """subgraph(*operands), refusing outputs that alias operands or each other."""
     leading, subgraph, operands = hop._split(args)
+    if _is_internal(subgraph) and not hop._has_context:
+        # A graph hopkit made or already checked (the nodes of compiled
+        # graphs): no hooks to honour, so skip nn.Module.__call__.
+        return subgraph.forward(*operands)
     out = hop._run(leading, subgraph, operands, kwargs)
     if not _is_internal(subgraph):
         _check_no_output_aliasing(hop, operands, out)
