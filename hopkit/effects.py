@@ -105,12 +105,27 @@ class WithEffects(HigherOrderOperator):
             checked = False
         if not checked:
             _check_wrappable(self, op)
-        if _runs_dense_directly(token, args, kwargs):
-            # NOTE [with_effects fast path]: with plain tensors and nothing
-            # intercepting dispatch, HigherOrderOperator dispatch would end in
-            # the dense rule anyway (autograd falls through, the op handles its
-            # own); going there directly saves ~20us per call in compiled
-            # (aot_eager) graphs, where every effectful call runs through here.
+        # NOTE [with_effects fast path]: with plain tensors and nothing
+        # intercepting dispatch, HigherOrderOperator dispatch would end in the
+        # dense rule anyway (autograd falls through, the op handles its own);
+        # going there directly saves ~20us per call in compiled (aot_eager)
+        # graphs, where every effectful call runs through here. "Nothing
+        # intercepting": no dispatch or torch-function mode, no functorch
+        # transform (functorch's functionalize included), no C++
+        # functionalization or pre-dispatch tracing switched on, and plain
+        # (non-subclass, non-functional) tensors only.
+        if (
+            not (
+                _dispatch_stack_len()
+                or _torch_function_mode_on()
+                or _functorch_on()
+                or _tls_included(_FUNCTIONALIZE)
+                or _tls_included(_PRE_DISPATCH)
+            )
+            and _all_plain(args)
+            and (token is None or _all_plain((token,)))
+            and (not kwargs or _all_plain(kwargs.values()))
+        ):
             out = op(*args, **kwargs)
             if isinstance(out, tuple):
                 return (_RUNTIME_TOKEN, *out)
@@ -142,30 +157,18 @@ def _check_wrappable(hop: WithEffects, op: Any) -> None:
 
 _CHECKED_OPS: set[Any] = set()
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+# Bound once: the fast path runs for every effectful call of a compiled graph.
+_dispatch_stack_len = torch._C._len_torch_dispatch_stack
+_torch_function_mode_on = torch._C._is_torch_function_mode_enabled
+_functorch_on = torch._C._are_functorch_transforms_active
 _tls_included = torch._C._dispatch_tls_is_dispatch_key_included
+_FUNCTIONALIZE = DispatchKey.Functionalize
+_PRE_DISPATCH = DispatchKey.PreDispatch
 _is_functional = torch._is_functional_tensor
 # The new token of a fast-path call: tokens carry no data and are never
 # written, so one shared empty tensor serves every call (allocating one costs
 # about as much as the rest of the fast path).
 _RUNTIME_TOKEN = torch.empty(0)
-
-
-def _runs_dense_directly(token: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """Whether dispatching with_effects would certainly reach the dense rule:
-    no dispatch or torch-function mode, no functorch transform (functorch's
-    functionalize included), no C++ functionalization or pre-dispatch tracing
-    switched on, and only plain tensors."""
-    if (
-        torch._C._len_torch_dispatch_stack()
-        or torch._C._is_torch_function_mode_enabled()
-        or torch._C._are_functorch_transforms_active()
-        or _tls_included(DispatchKey.Functionalize)
-        or _tls_included(DispatchKey.PreDispatch)
-    ):
-        return False
-    if isinstance(token, torch.Tensor) and not _all_plain((token,)):
-        return False
-    return _all_plain(args) and (not kwargs or _all_plain(kwargs.values()))
 
 
 def _all_plain(values: Any) -> bool:

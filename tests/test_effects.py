@@ -319,6 +319,17 @@ def test_with_effects_dense_output_structure() -> None:
     assert LOG == [1, 2, 3, 4]
 
 
+def test_with_effects_fast_path_matches_dispatch() -> None:
+    # Plain tensors, no mode: the fast path. HigherOrderOperator.__call__: full
+    # dispatch (Autograd fallthrough, then the dense rule). Same results.
+    x = torch.nn.Parameter(torch.randn(3))
+    fast = with_effects(None, log_list, x, 1)
+    slow = torch._ops.HigherOrderOperator.__call__(with_effects, new_token_tensor(), log_list, x, 2)
+    assert fast[0].shape == slow[0].shape == (0,)
+    torch.testing.assert_close(fast[1], slow[1])
+    assert LOG == [1, 2]
+
+
 def test_with_effects_under_fake_mode_runs_nothing() -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -481,6 +492,51 @@ def forward(self, arg0_1, arg1_1):
     LOG.clear()
     torch._dynamo.reset()
     torch.compile(f, backend="inductor", fullgraph=True)(torch.randn(2))
+    assert LOG == [1, 2]
+
+
+def _torchbind_test_library() -> bool:
+    try:
+        from torch.testing._internal.torchbind_impls import init_torchbind_implementations
+
+        init_torchbind_implementations()
+    except Exception:  # the wheel ships libtorchbind_test.so; other builds may not
+        return False
+    return hasattr(torch.ops._TorchScriptTesting, "takes_foo")
+
+
+@pytest.mark.skipif(not _torchbind_test_library(), reason="torch's torchbind test library is missing")
+def test_torchbind_calls_share_the_chain(ordered: None) -> None:
+    # A torchbind op is ORDERED in torch's own registry and keeps going
+    # through torch's with_effects; hopkit's calls around it stay ordered.
+    takes_foo = torch.ops._TorchScriptTesting.takes_foo.default
+    assert get_effect(takes_foo) is EffectType.ORDERED
+
+    class M(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.foo = torch.classes._TorchScriptTesting._Foo(10, 20)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            log(x, 1)
+            return log(takes_foo(self.foo, x), 2) + 1
+
+    m, x = M(), torch.randn(2)
+    expected = m(x)
+    backend = AotEagerAndRecordGraphs()
+    for compiled_backend in (backend, "inductor"):
+        torch._dynamo.reset()
+        LOG.clear()
+        torch.testing.assert_close(torch.compile(m, backend=compiled_backend, fullgraph=True)(x),
+                                   expected)
+        assert LOG == [1, 2]
+    assert [n.target for n in backend.fw_graphs[0].graph.nodes if n.op == "call_function"
+            and n.target is not __import__("operator").getitem] == [
+        with_effects, torch.ops.higher_order.with_effects, with_effects, torch.ops.aten.add.Tensor]
+    ep = torch.export.export(m, (x,), strict=False).run_decompositions()
+    assert ep.graph_signature.input_specs[0].kind.name == "TOKEN"
+    LOG.clear()
+    torch.testing.assert_close(ep.module()(x), expected)
     assert LOG == [1, 2]
 
 
