@@ -614,7 +614,18 @@ def _wrap_force_save_effectful_ops(mod: _Any) -> None:
     def force_save_effectful_ops(joint_module: torch.fx.GraphModule, *args: _Any, **kwargs: _Any) -> _Any:
         token_tags: list[tuple[torch.fx.Node, _Any]] = []
         for node in joint_module.graph.nodes:
-            if not _is_hopkit_with_effects(node) or mod._has_tag_is_backward(node):
+            if mod._has_tag_is_backward(node):
+                continue
+            if _is_plain_effectful_call(node):
+                # An effectful op called without a token: the joint graph of a
+                # HOP's subgraph (NOTE [Effect tokens inside subgraphs] in
+                # hopkit/effects.py). It is impure, so backward extraction
+                # would copy it into backward whenever its inputs are saved:
+                # pin it to the forward and save its outputs instead.
+                node.meta["partitioner_tag"] = "must_be_in_forward"
+                node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+                continue
+            if not _is_hopkit_with_effects(node):
                 continue
             # The node itself: the min-cut solver bans recomputing MUST_SAVE
             # nodes (the default partitioner skips multi-output nodes here).
@@ -639,6 +650,17 @@ def _wrap_force_save_effectful_ops(mod: _Any) -> None:
 
     setattr(force_save_effectful_ops, _EFFECTS_WRAPPED_MARK, original)
     mod.force_save_effectful_ops = force_save_effectful_ops
+
+
+def _is_plain_effectful_call(node: _Any) -> bool:
+    integ = _EFFECTS
+    return (
+        integ is not None
+        and node.op == "call_function"
+        and isinstance(node.target, (torch._ops.OpOverload, torch._ops.HigherOrderOperator))
+        and node.target is not integ.hop
+        and integ.has_effects(node.target)
+    )
 
 
 def _graph_modules(roots: list[_Any]) -> _Iterator[torch.fx.GraphModule]:

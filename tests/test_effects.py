@@ -919,8 +919,9 @@ def _basehop_threads_effects() -> bool:
 
 @pytest.mark.xfail(not _basehop_threads_effects(),
                    reason="BaseHOP's functionalization rule does not use subgraph_effects yet")
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_effects_inside_basehop(ordered: None, backend: str) -> None:
+def test_effects_inside_basehop(ordered: None, backend: str, grad: bool) -> None:
     import hopkit
 
     class Region(hopkit.BaseHOP):
@@ -930,9 +931,13 @@ def test_effects_inside_basehop(ordered: None, backend: str) -> None:
     region = Region()
     try:
         f = _around_a_subgraph(region)
-        x = torch.randn(3)
+        x = torch.randn(3, requires_grad=grad)
         out = torch.compile(f, backend=backend, fullgraph=True)(x)
         assert LOG == [1, 2, 3, 4, 5, 6]
-        torch.testing.assert_close(out, f(x))
+        torch.testing.assert_close(out, x.sin().cos())
+        if grad:
+            LOG.clear()
+            out.sum().backward()
+            assert LOG == []  # the body's effects are not re-run by backward
     finally:
         torch._ops._higher_order_ops.pop("hopkit_test_effects_region", None)
