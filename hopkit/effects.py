@@ -533,7 +533,8 @@ class subgraph_effects:
                 out = hop(subgraph, *unwrapped_operands)
 
     See NOTE [Effect tokens inside subgraphs]. Does nothing when the subgraph
-    has no effectful call.
+    has no effectful call and the HOP itself is not registered effectful
+    (``register_effectful_op(hop, EffectType.ORDERED)`` orders every call).
     """
 
     def __init__(self, ctx: Any, hop: HigherOrderOperator) -> None:
@@ -551,7 +552,12 @@ class subgraph_effects:
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
         stack = _region_stack()
         stack.pop()
-        if exc_type is not None or not self.region.effects:
+        if exc_type is not None:
+            return
+        own = get_effect(self.hop)  # the HOP itself registered effectful
+        if own is not None:
+            self.region.record(own)
+        if not self.region.effects:
             return
         if stack:  # nested: the enclosing HOP call is the one threaded
             for effect in self.region.effects:

@@ -894,6 +894,27 @@ def forward(self, arg0_1):
     return (log_1,)""")
 
 
+def test_registered_subgraph_hop_is_threaded_itself(toy_call: Any) -> None:
+    from functorch.compile import aot_function
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return toy_call(lambda v: (v.sin(),), x)[0]
+
+    graphs: list[torch.fx.GraphModule] = []
+    h = register_effectful_op(toy_call, EffectType.ORDERED)
+    try:
+        aot_function(f, fw_compiler=lambda gm, _: graphs.append(gm) or gm)(torch.randn(2))
+    finally:
+        h.destroy()
+    assert_expected_inline(normalize(graphs[0].code), """\
+def forward(self, arg0_1, arg1_1):
+    body_0 = self.body_0
+    hopkit_with_effects = torch.ops.higher_order.hopkit_with_effects(arg0_1, torch.ops.higher_order.hopkit_test_effects_call, body_0, arg1_1);  arg0_1 = body_0 = arg1_1 = None
+    getitem_1 = hopkit_with_effects[0]
+    getitem = hopkit_with_effects[1];  hopkit_with_effects = None
+    return (getitem_1, getitem)""")
+
+
 def test_effects_inside_a_subgraph_hop_export(ordered: None, toy_call: Any) -> None:
     f = _around_a_subgraph(toy_call)
 
