@@ -354,6 +354,18 @@ class TestPointwiseSubgraphLowering(expecttest.TestCase):
                 """hopkit: the subgraph takes 1 inputs (t), but 2 were given to PointwiseSubgraphLowering.run.""",
             )
 
+    def test_hop_outputs_are_fresh_pointwise_nodes(self) -> None:
+        # An output that is an operand, or a view of one, must not alias it.
+        x = torch.randn(4, 8)
+        with lowering_context(x) as (graph, (a,), fakes):
+            sub = trace(lambda t: (t, t.t(), t[:, :1].expand(4, 8)), *fakes)
+            before = len(graph.buffers)
+            out = lower_hop_pointwise(None, sub, [a])
+            self.assertIsInstance(out, tuple)
+            self.assertTrue(all(isinstance(o.data.data, ir.Pointwise) for o in out))
+            self.assertEqual([list(o.get_size()) for o in out], [[4, 8], [8, 4], [4, 8]])
+            self.assertEqual(len(graph.buffers), before)
+
     def test_int_bool_and_dynamic_sizes(self) -> None:
         # Symbolic sizes: the body reads them (sym_size) from its own nodes.
         x = torch.randint(-5, 5, (4, 6), dtype=torch.int32)
