@@ -229,10 +229,8 @@ def inline_subgraph_into_graph_lowering(gm: torch.fx.GraphModule, operands: Sequ
 def lower_pointwise_hop(hop: Any, gm: torch.fx.GraphModule, operands: Sequence[Any],
                         require: bool) -> Any:
     """Fuse a pointwise body through hopkit.inductor; None means "inline it"."""
-    try:
-        from hopkit.inductor import fusion
-    except ImportError:
-        return None
+    from hopkit.inductor import fusion
+
     return fusion.lower_hop_pointwise(hop, gm, operands, require=require)
 
 

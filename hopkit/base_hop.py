@@ -587,7 +587,11 @@ def base_hop_functionalize(hop: BaseHOP, ctx: Any, *args: Any, **kwargs: Any) ->
         body = _rebuild_operand_views(body, len(operands), roots, views, operands)
     functional = _FunctionalSubgraph(hop, ctx.functionalize, body)
     _mark_internal(functional, like=subgraph)
-    with ctx.redispatch_to_next():
+    # Effectful ops in the body order the whole call by effect tokens:
+    # NOTE [Effect tokens inside subgraphs] in hopkit/effects.py.
+    from hopkit.effects import subgraph_effects
+
+    with subgraph_effects(ctx, hop), ctx.redispatch_to_next():
         res = hop(*leading, functional, *unwrapped, **kwargs)
     res = res if isinstance(res, (tuple, list)) else (res,)
     mutated = functional.mutated
