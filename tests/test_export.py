@@ -930,6 +930,29 @@ def test_export_roundtrip() -> None:
     assert sig is not None
 
 
+class Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=BF16):
+            y = self.lin(x).relu()
+        return y.float().sum(dim=-1)
+
+
+def test_export_dynamic_shapes_and_training() -> None:
+    torch.manual_seed(0)
+    m = Block()
+    ep = hx.export(m, (torch.randn(2, 3),), dynamic_shapes=({0: torch.export.Dim("b")},))
+    assert _hops_in(ep.graph_module) == 1
+    x = torch.randn(5, 3)
+    assert_same(ep.module()(x), reference(m, x))
+    got = grads(ep.module(), [x])
+    want = grads(lambda t: reference(m, t), [x])
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+
+
 def test_export_error_inside_region_propagates_unchanged() -> None:
     class Boom(Exception):
         pass

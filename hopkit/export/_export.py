@@ -58,6 +58,11 @@ def export(
 
     Process-wide note: while this runs, any other ``torch.export.export`` in
     the process also uses hopkit's pass (exports are serialized by a lock).
+
+    ``strict=True``: in torch 2.13 the Dynamo front end records the values of
+    an autocast region with their un-autocast dtypes, so ``ep.module()`` fails
+    its own dtype asserts ("Tensor dtype mismatch"), with torch's pass exactly
+    as with hopkit's. Use the default, non-strict export.
     """
     if not isinstance(mod, torch.nn.Module):
         raise TypeError(
