@@ -860,6 +860,28 @@ def test_hop_torch_compile(backend: str) -> None:
 
 
 @pytest.mark.slow
+def test_hopcheck_float64_every_mode() -> None:
+    """CPU autocast leaves float64 alone: every mode must agree exactly."""
+    from hopkit.testing import hopcheck
+
+    x, w = (t.double().detach().requires_grad_(True) for t in inputs())
+    body = hopkit.FunctionWithNoFreeVars(lambda x, w: ((x @ w).sin(), x * w.cos()))
+    hopcheck(wrap_with_autocast, "cpu", BF16, True, None, body, x, w)
+
+
+def test_hopcheck_bfloat16() -> None:
+    # Inductor computes bf16 pointwise math in float32 and rounds once, so its
+    # bf16 gradients differ from eager's in the last bits, exactly as for the
+    # same code compiled without a HOP; that mode is covered by the test above
+    # and test_rewritten_graph_under_inductor.
+    from hopkit.testing import MODES, hopcheck
+
+    x, w = inputs()
+    modes = [m for m in MODES if m != "compile_inductor"]
+    hopcheck(wrap_with_autocast, "cpu", BF16, True, False, BODY, x, w, modes=modes)
+
+
+@pytest.mark.slow
 def test_rewritten_graph_under_inductor() -> None:
     args = inputs()
     gm = trace(f_multi_output, *args)
