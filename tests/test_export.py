@@ -333,6 +333,26 @@ def test_redundant_region_is_not_wrapped() -> None:
     assert [s[0] for s in their_call[3] if isinstance(s, tuple)] == ["autocast", "getitem"]
 
 
+def test_view_with_sizes_computed_inside_is_returned_as_a_copy() -> None:
+    """NOTE [Region outputs that alias]: the one case that returns a clone."""
+
+    def f(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast("cpu", dtype=BF16):
+            a = x.view(x.shape[0] * x.shape[1])  # sizes from sym_size nodes inside
+            b = x @ w
+        return a * 2, b
+
+    args = inputs()
+    gm = make_fx(f, pre_dispatch=True, tracing_mode="symbolic")(*args)
+    new_gm, _ = replace_autocast_with_hop_pass(gm, None)
+    (call,) = structure(new_gm)[:1]
+    assert call[3][-1] == "aten.clone.default"
+    assert [n.name for n in new_gm.graph.nodes if n.target is operator.getitem] == ["view", "matmul"]
+    assert_same(new_gm(*args), gm(*args))
+    for a, e in zip(grads(new_gm, args), grads(gm, args)):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
 def test_input_graph_and_signature_are_not_mutated() -> None:
     gm = trace(f_nested3, *inputs())
     before = graph_text(gm)

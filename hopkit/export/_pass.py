@@ -395,6 +395,8 @@ class _Rewriter:
         # Emitted calls whose bodies have side effects (fx does not know a
         # call of this HOP can have them).
         self.effectful_calls: set[torch.fx.Node] = set()
+        # Body nodes whose getitem outside takes another name than theirs.
+        self.outside_names: dict[torch.fx.Node, str] = {}
         self.taken: set[str] = {n.name for n in gm.graph.nodes}
         self.taken.update(name for name, _ in gm.named_children())
         self.taken.update(name for name, _ in gm.named_parameters(recurse=False))
@@ -461,6 +463,7 @@ class _Rewriter:
                     name=self.fresh(f"{o.name}_clone"),
                 )
                 clone.meta = copy.copy(child.env[o].meta)
+                self.outside_names[clone] = o.name
                 root, chain = clone, []
             if root not in placeholder_of:
                 body_outputs.setdefault(root, None)
@@ -545,7 +548,8 @@ class _Rewriter:
         if effectful:
             self.effectful_calls.add(call)
         for idx, b in enumerate(outputs):
-            item = g.create_node("call_function", operator.getitem, (call, idx), {}, name=b.name)
+            name = self.outside_names.get(b, b.name)
+            item = g.create_node("call_function", operator.getitem, (call, idx), {}, name=name)
             item.meta = copy.copy(b.meta)
             outside[b] = item
 
