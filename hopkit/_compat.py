@@ -262,7 +262,12 @@ def is_plain_eager(operands: Sequence[Any]) -> bool:
     No torch dispatch mode, no functorch transform, no __torch_function__, and
     every tensor operand a plain dense CPU/CUDA tensor.
     """
-    if torch._C._len_torch_dispatch_stack() or torch._C._functorch.peek_interpreter_stack() is not None:
+    if (
+        torch._C._len_torch_dispatch_stack()
+        or torch._ops._len_torch_dispatch_stack_pre_dispatch()  # make_fx(pre_dispatch=True)
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._functorch.peek_interpreter_stack() is not None
+    ):
         return False
     for t in operands:
         if isinstance(t, torch.Tensor) and not _keyset_is_plain(torch._C._dispatch_keys(t)):

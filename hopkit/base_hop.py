@@ -154,6 +154,7 @@ class BaseHOP(HigherOrderOperator):
         _compat.publish_hop(self)
         self._num_leading = len(self.leading_config)
         self._has_context = type(self).subgraph_context is not BaseHOP.subgraph_context
+        self._fast_path = False  # turned on by _register_rules
         self._register_rules()
 
     # -- calling ------------------------------------------------------------
@@ -182,7 +183,7 @@ class BaseHOP(HigherOrderOperator):
                 f"read free variables; pass them as operands), or call the HOP "
                 f"inside torch.compile."
             )
-        if _compat.is_plain_eager(args[n + 1 :]):
+        if self._fast_path and _compat.is_plain_eager(args[n + 1 :]):
             # NOTE [BaseHOP plain-eager fast path]
             return base_hop_dense(self, *args, **kwargs)
         return super().__call__(*args, **kwargs)
@@ -192,6 +193,22 @@ class BaseHOP(HigherOrderOperator):
     ) -> contextlib.AbstractContextManager[None]:
         """The context every rule runs the subgraph under (default: none)."""
         return contextlib.nullcontext()
+
+    def backward_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The configuration the backward HOP call runs with (default: the same).
+
+        Backward graphs are traced outside ``subgraph_context`` (as eager runs
+        backward outside, e.g., autocast); a HOP whose context must not apply
+        to its backward returns a configuration that turns it off here.
+        """
+        return config
+
+    def py_impl(self, k: Any) -> Any:
+        # A rule registered after construction may override one the plain-eager
+        # fast path would skip: from then on, every call dispatches.
+        if getattr(self, "_fast_path", False):
+            self._fast_path = False
+        return super().py_impl(k)
 
     def gen_schema(self, *args: Any, **kwargs: Any) -> torch._C.FunctionSchema:
         """The schema of one call, with mutated operands annotated.
@@ -209,6 +226,15 @@ class BaseHOP(HigherOrderOperator):
 
     def _config(self, leading: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         return {**dict(zip(self.leading_config, leading)), **kwargs}
+
+    def _backward_args(self, leading: tuple[Any, ...], kwargs: dict[str, Any]
+                       ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if type(self).backward_config is BaseHOP.backward_config:
+            return leading, kwargs
+        config = self.backward_config(self._config(leading, kwargs))
+        names = self.leading_config
+        return (tuple(config[n] for n in names),
+                {k: v for k, v in config.items() if k not in names})
 
     def _run(self, leading: tuple[Any, ...], subgraph: Any, operands: Sequence[Any],
              kwargs: dict[str, Any]) -> Any:
@@ -244,6 +270,9 @@ class BaseHOP(HigherOrderOperator):
         # so that `import hopkit` imports neither.
         _compat.register_dynamo_variable(self)
         _compat.register_inductor_lowering(self, base_hop_inductor)
+        # NOTE [BaseHOP plain-eager fast path]: on from here; py_impl turns it
+        # off again if a subclass then registers a rule of its own.
+        self._fast_path = True
 
 
 def _check_new_hop_name(cls: type, name: str) -> None:
@@ -423,7 +452,8 @@ class _BaseHOPFunction(torch.autograd.Function):
                 bw_args.append(saved[i])
             else:  # The backward graph was traced with contiguous tangents.
                 bw_args.append(grads[i].contiguous())
-        res = ctx.hop(*ctx.leading, bw, *bw_args, **ctx.kwargs)
+        leading, kwargs = ctx.hop._backward_args(ctx.leading, ctx.kwargs)
+        res = ctx.hop(*leading, bw, *bw_args, **kwargs)
         res = res if isinstance(res, (tuple, list)) else (res,)
         operand_grads: list[Any] = [None] * ctx.num_operands
         for i, g in zip(plan.diff_operands, res):
@@ -436,6 +466,11 @@ def _build_autograd_plan(hop: BaseHOP, leading: tuple[Any, ...], subgraph: Any,
     fn = hop._bind(leading, subgraph, kwargs)
     record: dict[str, Any] = {}
 
+    def backward_context() -> contextlib.AbstractContextManager[None]:
+        if type(hop).backward_config is BaseHOP.backward_config:
+            return contextlib.nullcontext()
+        return hop.subgraph_context(hop.backward_config(hop._config(leading, kwargs)))
+
     def joint(primals: list[Any], tangents: list[Any]) -> Any:
         out = fn(*primals)
         outs = _flat_outputs(hop, out)
@@ -446,9 +481,12 @@ def _build_autograd_plan(hop: BaseHOP, leading: tuple[Any, ...], subgraph: Any,
         diff = [p for p in primals if isinstance(p, torch.Tensor) and p.requires_grad]
         grads: Sequence[Any] = ()
         if pairs and diff:
-            grads = torch.autograd.grad(
-                [o for o, _ in pairs], diff, [t for _, t in pairs], allow_unused=True
-            )
+            # The backward is traced under the context the backward HOP call
+            # will run with (HOP.backward_config), not the one around the call.
+            with backward_context():
+                grads = torch.autograd.grad(
+                    [o for o, _ in pairs], diff, [t for _, t in pairs], allow_unused=True
+                )
         return (*outs, *grads)
 
     with _compat.tracing_fresh_examples(operands) as (examples, trace):
@@ -475,7 +513,44 @@ def _build_autograd_plan(hop: BaseHOP, leading: tuple[Any, ...], subgraph: Any,
                     ) from e
                 raise
     num_outputs = len(probe_outs)
+    _refuse_unpartitionable_mutations(hop, joint_gm)
     return _partition(hop, joint_gm, operands, num_outputs, record)
+
+
+def _refuse_unpartitionable_mutations(hop: BaseHOP, joint: torch.fx.GraphModule) -> None:
+    """A nested HOP call that mutates but whose results are unused would be lost.
+
+    The joint is traced without functionalization, so the partitioner sees such
+    a call as dead code (and one with no outputs at all as malformed). Refuse
+    it clearly rather than drop the mutation.
+    """
+    for node in joint.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, HigherOrderOperator):
+            continue
+        if node.users:
+            continue
+        subgraphs = [a for a in node.args if isinstance(a, torch.fx.Node) and a.op == "get_attr"]
+        if any(_mutates(getattr(joint, str(a.target))) for a in subgraphs):
+            raise NotImplementedError(
+                f"hopkit: under traced autograd (make_fx, aot_eager, inductor), "
+                f"{hop._name}'s subgraph calls {node.target.__name__}, which "
+                f"mutates its operands but whose results are unused; the "
+                f"partitioner would drop that mutation. Return a value computed "
+                f"from the mutated tensor from the inner call, or run the "
+                f"mutation outside the HOP."
+            )
+
+
+def _mutates(gm: Any) -> bool:
+    if not isinstance(gm, torch.fx.GraphModule):
+        return False
+    for n in gm.graph.nodes:
+        schema = getattr(n.target, "_schema", None)
+        if n.op == "call_function" and schema is not None and schema.is_mutable:
+            return True
+        if n.op == "get_attr" and _mutates(getattr(gm, str(n.target))):
+            return True
+    return False
 
 
 def _probe_outputs(fn: Callable[..., Any], examples: Sequence[Any]) -> Any:
@@ -768,7 +843,8 @@ def base_hop_proxy(hop: BaseHOP, mode: ProxyTorchDispatchMode, *args: Any, **kwa
     out_proxy = tracer.create_proxy("call_function", hop, proxy_args, proxy_kwargs)
     # Under fake tracing the trace already computed the (fake) outputs: take
     # them from it rather than running the body a second time.
-    out = _output_vals(gm) if _compat.all_fake(operands) else None
+    traced_bare = body is subgraph and hop._has_context
+    out = _output_vals(gm) if _compat.all_fake(operands) and not traced_bare else None
     if out is None or any(
         v is None for v in pytree.tree_leaves(out, is_leaf=lambda v: v is None)
     ):

@@ -256,14 +256,11 @@ CASES = {
 
 # NOTE [Backward of nested autocast regions]
 # Where hopkit.BaseHOP traces a HOP's joint (make_fx, AOTAutograd: the
-# aot_eager and inductor backends), it traces the backward under the autocast
-# state around the call and runs the backward graph under the HOP's own
-# context. For a region nested in another of a different state, eager autograd
-# runs those backward ops with neither (backward is outside every autocast
-# block), so gradients differ in the last bits. Plain eager is exact (the HOP
-# runs its body and autograd records it). Needs a BaseHOP hook for the
-# backward's context.
-NESTED_BACKWARD = {"nested3", "inner_disabled"}
+# aot_eager and inductor backends), eager autograd runs the backward of a
+# region outside every autocast block, also for a region nested in another of
+# a different state. WrapWithAutocast.backward_config turns autocast off for
+# the backward HOP call, and BaseHOP traces the joint's backward under that
+# same configuration, so traced gradients equal eager's bit for bit.
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -279,15 +276,7 @@ def test_semantics_backward(name: str) -> None:
 @pytest.mark.parametrize(
     "name",
     [
-        pytest.param(
-            n,
-            marks=pytest.mark.xfail(
-                strict=True, reason="NOTE [Backward of nested autocast regions]"
-            ),
-        )
-        if n in NESTED_BACKWARD
-        else n
-        for n in sorted(CASES)
+        n for n in sorted(CASES)
     ],
 )
 def test_semantics_aot_eager(name: str) -> None:
@@ -421,20 +410,7 @@ def _nested_side_effect(x: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
     return y
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        None,
-        pytest.param(
-            "aot_eager",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="hopkit.BaseHOP: a nested HOP call returning () breaks "
-                "default_partition when the joint is traced",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("backend", [None])
 def test_nested_region_with_only_side_effects(backend: str | None) -> None:
     (x,) = inputs(1)
     gm = trace(_nested_side_effect, x, torch.zeros(3))
@@ -445,6 +421,17 @@ def test_nested_region_with_only_side_effects(backend: str | None) -> None:
     assert_same(out, gm(x, c2))
     assert torch.equal(c1, c2) and c1.eq(1).all()
     out.float().sum().backward()
+
+
+def test_nested_region_with_only_side_effects_is_refused_under_traced_autograd() -> None:
+    """hopkit.BaseHOP traces its joint without functionalization, so a nested
+    call that only mutates would be dropped by the partitioner: it is refused
+    with a clear error instead of a crash or a lost update."""
+    (x,) = inputs(1)
+    gm = trace(_nested_side_effect, x, torch.zeros(3))
+    new_gm, _ = replace_autocast_with_hop_pass(gm, None)
+    with pytest.raises(Exception, match="the partitioner would drop that mutation"):
+        torch.compile(new_gm, backend="aot_eager")(x, torch.zeros(3))
 
 
 def test_region_with_only_side_effects() -> None:
@@ -572,11 +559,6 @@ def forward(self, x_1, w_1) -> _tuple_torch_Tensor_torch_Tensor_:
         assert_same(again(*args), new_gm(*args))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hopkit.BaseHOP: under pre-dispatch tracing the body is traced bare and "
-    "the node's meta['val'] comes from that trace: float32 where autocast gives bfloat16",
-)
 def test_retraced_meta_val_has_autocast_dtypes() -> None:
     args = inputs()
     new_gm, _ = replace_autocast_with_hop_pass(trace(f_one, *args), None)
@@ -585,11 +567,6 @@ def test_retraced_meta_val_has_autocast_dtypes() -> None:
     assert [v.dtype for v in call.meta["val"]] == [BF16]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hopkit.BaseHOP's plain-eager fast path also runs under make_fx(pre_dispatch=True) "
-    "with real tensors: the call is inlined and its autocast state is lost",
-)
 def test_retraced_real_mode_keeps_the_hop() -> None:
     args = inputs()
     new_gm, _ = replace_autocast_with_hop_pass(trace(f_one, *args), None)
@@ -739,8 +716,6 @@ def _interpret(program: list[Any], pool: list[torch.Tensor]) -> None:
                 _interpret(item[2], pool)
 
 
-def _depth(program: list[Any]) -> int:
-    return max((1 + _depth(it[2]) for it in program if it[0] == "region"), default=0)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -759,9 +734,7 @@ def test_property_random_programs(program: list[Any], picks: list[int], return_a
         return tuple(pool[-1 - i % len(pool)] for i in picks)
 
     args = inputs()
-    # Backward only where no region nests in another of a different state:
-    # NOTE [Backward of nested autocast regions].
-    gm, new_gm = check_semantics(f, args, backward=_depth(program) <= 1)
+    gm, new_gm = check_semantics(f, args, backward=True)
     back, _ = inline_autocast_hops_pass(new_gm, None)
     assert_same(back(*args), gm(*args))
     # The pass is idempotent on its own output's inverse.

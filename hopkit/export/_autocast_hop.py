@@ -81,6 +81,16 @@ class WrapWithAutocast(BaseHOP):
             cache_enabled=config["cache_enabled"],
         )
 
+    def backward_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """Backward runs with autocast off, as eager's backward does.
+
+        Eager's backward ops run in the dtypes autocast chose for their forward
+        ops (the traced backward graph has those casts explicitly), not under
+        autocast again; re-entering the region's state there would re-cast
+        the backward of nested regions.
+        """
+        return {**config, "enabled": False}
+
 
 def _check_config(device_type: Any, dtype: Any, enabled: Any, cache_enabled: Any) -> None:
     """Refuse a bad autocast configuration before anything is dispatched."""
