@@ -405,6 +405,32 @@ def test_export_keeps_one_node(strict: bool, device: str) -> None:
     torch.testing.assert_close(ep.run_decompositions().module()(a, b)[0], g(a, b)[0])
 
 
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "non_strict"])
+def test_export_of_a_buffer_mutation(strict: bool) -> None:
+    def body(x: torch.Tensor, buf: torch.Tensor) -> tuple[torch.Tensor]:
+        buf.add_(x)
+        return (x * 2,)
+
+    wrapped = hopkit.FunctionWithNoFreeVars(body)
+
+    class WithBuffer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("buf", torch.zeros(3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return invoke_quant(wrapped, x, self.buf)[0]
+
+    ep = torch.export.export(WithBuffer(), (torch.ones(3),), strict=strict).run_decompositions()
+    assert len(ep.graph.find_nodes(op="call_function", target=invoke_quant)) == 1
+    assert [spec.kind.name for spec in ep.graph_signature.output_specs] == [
+        "BUFFER_MUTATION", "USER_OUTPUT"]
+    module = ep.module()
+    module(torch.ones(3))
+    torch.testing.assert_close(module(torch.ones(3)), torch.full((3,), 2.0))
+    torch.testing.assert_close(module.buf, torch.full((3,), 2.0))
+
+
 def test_export_graph() -> None:
     ep = torch.export.export(Model(), inputs("cpu", requires_grad=False), strict=True)
     assert_expected_inline(normalize(ep.graph_module.code), """\
