@@ -930,16 +930,6 @@ def test_effects_inside_a_subgraph_hop_export(ordered: None, toy_call: Any) -> N
     assert LOG == [1, 2, 3, 4, 5, 6] * 2
 
 
-def _basehop_threads_effects() -> bool:
-    import inspect
-
-    import hopkit.base_hop
-
-    return "subgraph_effects" in inspect.getsource(hopkit.base_hop)
-
-
-@pytest.mark.xfail(not _basehop_threads_effects(),
-                   reason="BaseHOP's functionalization rule does not use subgraph_effects yet")
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_effects_inside_basehop(ordered: None, backend: str, grad: bool) -> None:
