@@ -36,10 +36,12 @@ tensors so nothing runs for real, and partitions it with no recomputation
 (``default_partition``) into a forward graph that returns the outputs plus
 the activations backward needs, and a backward graph. The forward graph *is*
 the body: it runs exactly once per call, and a side effect in it (see
-``hopkit.effects``) is never repeated in backward. Under tracing the two graphs
-become one HOP node in the forward graph and one in the backward graph. The tangents are
-assumed contiguous, with the outputs' dtypes, as AOTAutograd assumes; backward
-makes them so.
+``hopkit.effects``) is never repeated in backward. Under tracing the two
+graphs become one HOP node in the forward graph and one in the backward graph.
+The tangents are assumed contiguous, with the outputs' dtypes, as AOTAutograd
+assumes; backward makes them so. The backward is traced, and the backward HOP
+call runs, with ``backward_config`` (autocast turns itself off there, as
+eager's backward runs outside autocast).
 
 NOTE [BaseHOP input mutation]
 A subgraph may mutate its operands in place (``x.add_(1)``, also through a
@@ -49,7 +51,8 @@ operands it mutated, returns their new values as extra outputs, and writes
 them back to the caller's tensors, so traced graphs stay functional and the
 caller sees what eager shows. Outputs that alias an operand or another output
 are refused with an error (no HOP rule can keep that aliasing correct once
-functionalized).
+functionalized). Operands that alias each other: NOTE [Operands that alias each
+other].
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ import dataclasses
 import functools
 import importlib
 import types
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -87,7 +90,6 @@ class FunctionWithNoFreeVars:
     a ``torch.fx.GraphModule``, or a function wrapped in this class. (Inside
     ``torch.compile`` Dynamo lifts free variables itself, so a plain function
     or lambda is accepted there.)
-
     """
 
     __slots__ = ("fn",)
@@ -138,6 +140,7 @@ class BaseHOP(HigherOrderOperator):
     * ``subgraph_context(config)``: a context manager every rule runs the
       subgraph under (e.g. an autocast state). ``config`` holds the leading
       arguments and the keyword arguments by name.
+    * ``backward_config(config)``: the configuration of the backward HOP call.
     * ``inductor_mode``: how Inductor lowers the HOP: ``"auto"`` (fuse a
       pointwise body into its neighbours, else inline it op by op),
       ``"fuse"`` (require fusion: an error names the op that prevents it) or
@@ -308,7 +311,7 @@ def _check_new_hop_name(cls: type, name: str) -> None:
 def base_hop_dense(hop: BaseHOP, *args: Any, **kwargs: Any) -> Any:
     """subgraph(*operands), refusing outputs that alias operands or each other."""
     leading, subgraph, operands = hop._split(args)
-    if _is_internal(subgraph) and not hop._has_context:
+    if not hop._has_context and isinstance(subgraph, torch.fx.GraphModule) and _is_internal(subgraph):
         # A graph hopkit made or already checked (the nodes of compiled
         # graphs): no hooks to honour, so skip nn.Module.__call__.
         return subgraph.forward(*operands)

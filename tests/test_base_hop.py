@@ -431,6 +431,15 @@ def test_export_of_a_buffer_mutation(strict: bool) -> None:
     torch.testing.assert_close(module.buf, torch.full((3,), 2.0))
 
 
+def test_functionalize_an_exported_module(device: str) -> None:
+    """The exported graph's subgraph (already checked, hence run directly) also
+    goes through the functionalize rule's wrapper."""
+    x, y = inputs(device, requires_grad=False)
+    ep = torch.export.export(Model(), (x, y))
+    out = torch.func.functionalize(ep.module())(x, y)
+    torch.testing.assert_close(out[0], g(x, y)[0])
+
+
 def test_export_graph() -> None:
     ep = torch.export.export(Model(), inputs("cpu", requires_grad=False), strict=True)
     assert_expected_inline(normalize(ep.graph_module.code), """\
