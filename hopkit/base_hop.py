@@ -375,9 +375,9 @@ def _check_no_output_aliasing(hop: BaseHOP, operands: Sequence[Any], out: Any) -
 
 
 def base_hop_autograd(hop: BaseHOP, *args: Any, **kwargs: Any) -> Any:
-    """Differentiable call: the cached forward graph now, its backward graph later.
+    """Differentiable call: the partitioned forward graph now, its backward later.
 
-    See NOTE [BaseHOP autograd: one joint trace, partitioned, cached].
+    See NOTE [BaseHOP autograd: one joint trace, partitioned].
     """
     leading, subgraph, operands = hop._split(args)
     if not (
@@ -393,7 +393,7 @@ def base_hop_autograd(hop: BaseHOP, *args: Any, **kwargs: Any) -> Any:
 
 @dataclasses.dataclass
 class _AutogradPlan:
-    """The partitioned joint graph of one subgraph for one operand metadata."""
+    """The partitioned joint graph of one HOP call."""
 
     fw: torch.fx.GraphModule  # operands -> (*outputs, *saved)
     bw: torch.fx.GraphModule  # bw_inputs -> grads of diff_operands
