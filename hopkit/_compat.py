@@ -1,6 +1,6 @@
 """The one place that touches version-dependent torch internals.
 
-hopkit supports torch 2.11 through 2.13. Everything below reaches into
+hopkit supports torch 2.11 through 2.15. Everything below reaches into
 private torch modules whose names or signatures moved between those
 releases (or may move in the next one). Each shim says which versions need
 it and when it can go. Nothing outside this module imports
@@ -21,9 +21,47 @@ from typing import Any
 
 import torch
 
-TORCH_VERSION: tuple[int, int] = tuple(  # type: ignore[assignment]
-    int(p) for p in torch.__version__.split("+")[0].split(".")[:2]
-)
+def _release(version: str) -> tuple[int, ...]:
+    """``"2.14.1+cu130"`` -> ``(2, 14, 1)``; pre-release tags (``2.15.0a0``) count as the release."""
+    parts = []
+    for piece in version.split("+")[0].split(".")[:3]:
+        digits = ""
+        for ch in piece:
+            if not ch.isdigit():
+                break
+            digits += ch
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+TORCH_VERSION: tuple[int, ...] = _release(torch.__version__)
+
+
+def warn_missing_torch_symbol(symbol: str, consequence: str) -> None:
+    """A torch internal a shim expected is gone: say so, and carry on without it.
+
+    Raising here would break torch's own import (the shims run from import
+    hooks), so hopkit degrades and names the symbol instead.
+    """
+    import warnings
+
+    warnings.warn(
+        f"hopkit: torch {torch.__version__} has no {symbol}, which hopkit expected for "
+        f"this release; {consequence}. Please report this to hopkit.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def torch_at_least(version: str) -> bool:
+    """Whether the running torch is release ``version`` or newer (``"2.13"``, ``"2.14.1"``).
+
+    The one version check in hopkit: every shim that differs between releases
+    asks this, so the supported window (2.11 through 2.15) is visible in one
+    grep. Nightlies count as the release they lead to.
+    """
+    want = _release(version)
+    return TORCH_VERSION[: len(want)] >= want
 
 # ---------------------------------------------------------------------------
 # BaseHOP: Dynamo, Inductor, autograd helpers
@@ -80,7 +118,7 @@ def when_imported(module_name: str, callback: Callable[[types.ModuleType], None]
         sys.meta_path.insert(0, _finder)
 
 
-# HOP registry. torch 2.11-2.13 keep every HigherOrderOperator by name in
+# HOP registry. torch 2.11-2.15 keep every HigherOrderOperator by name in
 # torch._ops._higher_order_ops; torch itself does not refuse a duplicate name.
 
 
@@ -100,7 +138,7 @@ def publish_hop(hop: torch._ops.HigherOrderOperator) -> None:
         setattr(namespace, hop.__name__, hop)
 
 
-# Dynamo. torch 2.11-2.13 pick a HOP's variable class by name from
+# Dynamo. torch 2.11-2.15 pick a HOP's variable class by name from
 # `_hop_name_to_variable_class` and fall back to in-tree BaseHOP only by
 # isinstance; hopkit's HOPs get a WrapHigherOrderVariable subclass that allows
 # input mutation (see NOTE [BaseHOP input mutation] in hopkit/base_hop.py).
@@ -134,10 +172,12 @@ def _make_variable_class(mod: types.ModuleType) -> Any:
             hop = self.value
             n = hop._num_leading
             leading = tuple(a.as_python_constant() for a in args[:n])
-            (p_args, p_kwargs, example_value, body_r, _, _, output_vts, _) = (
+            # torch 2.11 returns 7 values; 2.12+ append a tracing_info. The
+            # first seven mean the same in every release of the window.
+            (p_args, p_kwargs, example_value, body_r, _, _, output_vts) = (
                 self.create_wrapped_node(
                     tx, args[n], list(args[n + 1 :]), {}, hop._name, subgraph_name="subgraph"
-                )
+                )[:7]
             )
             config = {k: v.as_python_constant() for k, v in kwargs.items()}
             return mod._call_function_with_auto_output_flattening(
@@ -155,7 +195,7 @@ def register_dynamo_variable(hop: torch._ops.HigherOrderOperator) -> None:
     when_imported(_DYNAMO_HOP_VARIABLES, register)
 
 
-# Inductor. torch 2.11-2.13 look lowerings up by target in
+# Inductor. torch 2.11-2.15 look lowerings up by target in
 # torch._inductor.lowering.lowerings; a HOP without one fails with
 # "is not an OpOverload".
 
@@ -167,7 +207,8 @@ def register_inductor_lowering(hop: Any, rule: Callable[..., Any]) -> None:
         mod.register_lowering(hop, type_promotion_kind=None)(functools.partial(rule, hop))
 
     when_imported(_INDUCTOR_LOWERING, register)
-    when_imported(_INDUCTOR_FX_UTILS, _teach_fx_utils_hopkit_subgraphs)
+    if torch_at_least("2.13"):
+        when_imported(_INDUCTOR_FX_UTILS, _teach_fx_utils_hopkit_subgraphs)
 
 
 _INDUCTOR_FX_UTILS = "torch._inductor.fx_utils"
@@ -176,11 +217,17 @@ _INDUCTOR_FX_UTILS = "torch._inductor.fx_utils"
 def _teach_fx_utils_hopkit_subgraphs(mod: types.ModuleType) -> None:
     """Tell Inductor's FakeTensorUpdater which arguments feed a hopkit subgraph.
 
-    torch 2.11-2.13 list the subgraph HOPs they know in
+    torch 2.13+ (through 2.15) list the subgraph HOPs they know in
     `_extract_subgraphs_and_args` and warn ("Please add support for subgraph
-    args") for any other. Can go when torch offers a registration for this.
+    args") for any other. torch 2.11 and 2.12 do not look into subgraphs at
+    all, so there is nothing to teach. Can go when torch offers a
+    registration for this.
     """
-    original = mod._extract_subgraphs_and_args
+    original = getattr(mod, "_extract_subgraphs_and_args", None)
+    if original is None:
+        warn_missing_torch_symbol("torch._inductor.fx_utils._extract_subgraphs_and_args",
+                                  "Inductor may warn about hopkit subgraph arguments")
+        return
     if getattr(original, "_hopkit", False):
         return
 
@@ -237,7 +284,7 @@ def lower_pointwise_hop(hop: Any, gm: torch.fx.GraphModule, operands: Sequence[A
 # Autograd and tracing helpers.
 
 
-# Dispatch keys a plain dense tensor carries (torch 2.11-2.13 names); a tensor
+# Dispatch keys a plain dense tensor carries (torch 2.11-2.15 names); a tensor
 # with any other key (Python, Functionalize, FuncTorchBatched, Sparse, Nested,
 # ...) takes the dispatcher.
 _PLAIN_KEYS = frozenset({
@@ -320,7 +367,7 @@ def tracing_fresh_examples(
 def tag_traced_nodes_as_forward() -> None:
     """Mark everything traced so far as forward, for the partitioner.
 
-    torch 2.11-2.13's default_partition takes the forward to end at the last
+    torch 2.11-2.15's default_partition takes the forward to end at the last
     node tagged "is_forward" (AOTAutograd tags them the same way in
     create_joint); untagged, it would recompute the whole forward in backward.
     """
@@ -339,7 +386,7 @@ def tag_traced_nodes_as_forward() -> None:
 def default_partition(joint: torch.fx.GraphModule, num_fwd_outputs: int) -> tuple[
     torch.fx.GraphModule, torch.fx.GraphModule
 ]:
-    """AOTAutograd's non-recomputing partitioner (same signature in 2.11-2.13)."""
+    """AOTAutograd's non-recomputing partitioner (same signature in 2.11-2.15)."""
     from torch._functorch.partitioners import default_partition as partition
 
     return partition(joint, None, num_fwd_outputs=num_fwd_outputs)
@@ -374,7 +421,7 @@ def was_mutated(t: torch.Tensor, hop_name: str, index: int) -> bool:
 # HOP by identity. hopkit keeps its own HOP (`hopkit_with_effects`) and makes
 # each of those places accept it:
 #
-#   place (torch 2.11-2.13)                         shim below
+#   place (torch 2.11-2.15)                         shim below
 #   ---------------------------------------------   --------------------------
 #   FunctionalTensorMode -> has_effects /           _route_has_effects,
 #     handle_effects (torch._higher_order_ops.       _route_handle_effects
@@ -412,33 +459,25 @@ from typing import TYPE_CHECKING as _TYPE_CHECKING
 from typing import Any as _Any
 
 
-try:  # torch 2.11-2.13: the enum lives next to torch's op registry
-    from torch._library.effects import EffectType as EffectType
-except ImportError:  # older layouts defined it with the HOP
-    from torch._higher_order_ops.effects import _EffectType as EffectType
+# torch 2.11-2.15: the enum lives next to torch's op registry.
+from torch._library.effects import EffectType as EffectType  # noqa: E402
 
 
 def torch_get_effect(op: _Any) -> _Any:
     """torch's own effect registry (aten::_print, torchbind, ...), or None."""
     from torch._higher_order_ops import effects as _hop_effects
 
-    get = getattr(_hop_effects, "_get_effect", None)
-    if get is not None:  # torch 2.9+
-        try:
-            return get(op)
-        except (ValueError, RuntimeError, AttributeError):
-            return None
-    return getattr(_hop_effects, "SIDE_EFFECTS", {}).get(op)
+    try:  # torch 2.11-2.15 raise for objects that are no op at all
+        return _hop_effects._get_effect(op)
+    except (ValueError, RuntimeError, AttributeError):
+        return None
 
 
 def custom_op_def_type() -> _Any:
-    """torch.library.custom_op's object type (CustomOpDef)."""
-    try:
-        from torch._library.custom_ops import CustomOpDef
+    """torch.library.custom_op's object type (CustomOpDef, torch 2.11-2.15)."""
+    from torch._library.custom_ops import CustomOpDef
 
-        return CustomOpDef
-    except ImportError:
-        return None
+    return CustomOpDef
 
 
 def is_side_effectful(fn: _Any) -> bool:
@@ -603,7 +642,7 @@ def _is_with_effects(original: _Any) -> _Any:
 
 
 def _wrap_force_save_effectful_ops(mod: _Any) -> None:
-    """torch 2.11-2.13 mark the outputs of effectful nodes MUST_SAVE, except
+    """torch 2.11-2.15 mark the outputs of effectful nodes MUST_SAVE, except
     in an activation-checkpointed region (recompute tag PREFER_RECOMPUTE), so
     a checkpointed effect runs again in backward. hopkit's effects are never
     recomputed: their tensor outputs are saved even inside a region. Can go
@@ -741,6 +780,8 @@ def _lower_with_effects(
 
     effect = integration.get_effect(op)
     node = V.graph.current_node
+    if effect is not None:
+        pin_effectful_inputs(pytree.tree_leaves((args, kwargs)))
     n_before = len(V.graph.operations)
     if op in lowerings:
         result = lowerings[op](*args, **kwargs)
@@ -749,7 +790,7 @@ def _lower_with_effects(
         with _seen_as_torch_with_effects(node):
             kernel_out = ir.FallbackKernel.create(op, *args, **kwargs)
         result = pytree.tree_map(
-            lambda x: x.wrap_for_lowering() if isinstance(x, ir.IRNode) else x,
+            lambda x: wrap_ir_for_lowering(x) if isinstance(x, ir.IRNode) else x,
             kernel_out,
         )
     new_ops: list[_Any] = list(V.graph.operations[n_before:])
@@ -769,7 +810,7 @@ def _lower_with_effects(
         for new_op in new_ops:
             new_op.has_side_effects = lambda: True
             if prev is not None:
-                V.graph.additional_star_deps[new_op.get_name()].add(prev.get_name())
+                order_after(new_op, prev)
             if integration.has_effects(getattr(new_op, "op_overload", None)):
                 prev = new_op
         effectful_ops[effect] = new_ops[-1]
@@ -780,6 +821,60 @@ def _lower_with_effects(
     else:
         spread = len(op._schema.returns) > 1
     return (token, *result) if spread else (token, result)
+
+
+def order_after(new_op: _Any, prev: _Any) -> None:
+    """Make the scheduler run Inductor operation ``new_op`` after ``prev``.
+
+    torch 2.11-2.14 express an effect's order as a StarDep
+    (`GraphLowering.additional_star_deps`, keyed by the operation's name);
+    torch 2.15 removed that table and orders effects with a weak, fake
+    dependency (`additional_buffer_deps`, keyed by `get_operation_name()`),
+    which does not extend the previous buffer's lifetime. hopkit follows
+    whichever the running torch's own with_effects lowering uses.
+    """
+    from torch._inductor.virtualized import V
+
+    graph: _Any = V.graph  # typed Any: each table exists only in some releases
+    if torch_at_least("2.15"):
+        graph.additional_buffer_deps[new_op.get_operation_name()].add(prev.get_name())
+    else:
+        graph.additional_star_deps[new_op.get_name()].add(prev.get_name())
+
+
+def pin_effectful_inputs(leaves: Sequence[_Any]) -> None:
+    """Never recycle the storage of an effectful op's tensor inputs.
+
+    torch 2.15 does this in its with_effects lowering: an effectful op may keep
+    its inputs alive in state Inductor cannot see (a torchbind queue), so
+    their buffers must not be reused for other buffers. Older releases have
+    no `never_reuse_but_free_buffers` and do not pin.
+    """
+    from torch._inductor.ir import TensorBox
+    from torch._inductor.virtualized import V
+
+    if not torch_at_least("2.15"):
+        return
+    graph: _Any = V.graph  # typed Any: the set exists from torch 2.15 on
+    for leaf in leaves:
+        if isinstance(leaf, TensorBox):
+            leaf.realize()
+            graph.never_reuse_but_free_buffers.add(leaf.get_name())
+
+
+def wrap_ir_for_lowering(node: _Any) -> _Any:
+    """What a lowering returns for a fallback kernel's IR output.
+
+    torch 2.12+ ask the node (`IRNode.wrap_for_lowering`: a TensorBox, or the
+    node itself for opaque multi-outputs); torch 2.11 has no such method and
+    wraps every IR output in a TensorBox, as its own with_effects lowering
+    does. Can go when hopkit requires torch >= 2.12.
+    """
+    if torch_at_least("2.12"):
+        return node.wrap_for_lowering()
+    from torch._inductor.ir import TensorBox
+
+    return TensorBox.create(node)
 
 
 class _seen_as_torch_with_effects:
@@ -900,7 +995,7 @@ def _inline_one(module: torch.fx.GraphModule, node: torch.fx.Node) -> None:
 # ---------------------------------------------------------------------------
 # export (autocast pass)
 # ---------------------------------------------------------------------------
-# torch 2.11-2.13: torch.export's `_produce_aten_artifact` (torch/export/_trace.py)
+# torch 2.11-2.15: torch.export's `_produce_aten_artifact` (torch/export/_trace.py)
 # imports `replace_autocast_with_hop_pass` from this module *when it runs*, so
 # replacing the module attribute for the duration of one export swaps in
 # hopkit's pass. Can go when torch.export accepts the pass as an argument.
@@ -937,16 +1032,19 @@ def export_with_autocast_pass(pass_fn: Callable[..., Any]) -> Iterator[None]:
 def find_inductor_lowering(target: object) -> Callable[..., Any] | None:
     """The lowering Inductor's GraphLowering would run for ``target``, or None.
 
-    Newer torch (2.13) keeps user-registered lowerings in a separate
+    torch 2.12+ keep user-registered lowerings in a separate
     ``torch._inductor.lowering.user_lowerings`` table that takes priority and
-    may return None to defer to the built-in lowering; older releases may not
-    have that table. Can go once hopkit requires a torch that has it.
+    may return None to defer to the built-in lowering; torch 2.11 has only
+    the built-in table. The branch can go once hopkit requires torch >= 2.12.
     """
     from torch._inductor import lowering
 
+    user_table: dict[Any, Any] = (
+        getattr(lowering, "user_lowerings") if torch_at_least("2.12") else {}
+    )
     try:
         builtin = lowering.lowerings.get(target)  # type: ignore[call-overload]
-        user = getattr(lowering, "user_lowerings", {}).get(target)
+        user = user_table.get(target)
     except TypeError:  # an unhashable target has no lowering
         return None
     if user is None:
@@ -966,7 +1064,7 @@ def inductor_falls_back_on_types(node: torch.fx.Node) -> bool:
     because of its dtypes (complex, ...), before looking at its lowering.
 
     ``fallback_node_due_to_unsupported_type`` is a private helper of
-    ``torch._inductor.lowering`` (present 2.11 through 2.13); without it we
+    ``torch._inductor.lowering`` (present 2.11 through 2.15); without it we
     assume no type-based fallback.
     """
     from torch._inductor import lowering
@@ -978,3 +1076,15 @@ def inductor_falls_back_on_types(node: torch.fx.Node) -> bool:
 # ---------------------------------------------------------------------------
 # functionalization (ViewMeta)
 # ---------------------------------------------------------------------------
+
+
+def owning_bindings_hold_tensors_by_value() -> bool:
+    """Whether torchgen's owning C++ bindings (``remove_non_owning_ref_types``,
+    the fields of a generated ViewMeta class) spell Tensor, Scalar and their
+    optionals by value (``at::Tensor``) rather than as const references.
+
+    torch 2.14 changed this (torchgen/api/cpp.py); 2.11-2.13 keep
+    ``const at::Tensor &``. Can go when hopkit requires torch >= 2.14.
+    """
+    return torch_at_least("2.14")
+

@@ -505,7 +505,7 @@ def _torchbind_test_library() -> bool:
     return hasattr(torch.ops._TorchScriptTesting, "takes_foo")
 
 
-@pytest.mark.skipif(not _torchbind_test_library(), reason="torch's torchbind test library is missing")
+@pytest.mark.skipif(not _torchbind_test_library(), reason="this torch wheel does not ship libtorchbind_test.so (the CUDA wheels of the registry leave it out)")
 def test_torchbind_calls_share_the_chain(ordered: None) -> None:
     # A torchbind op is ORDERED in torch's own registry and keeps going
     # through torch's with_effects; hopkit's calls around it stay ordered.

@@ -48,6 +48,7 @@ from hopkit.functionalization._torchgen import (
     ViewSchemaKind,
     load_native_functions,
 )
+from hopkit._compat import owning_bindings_hold_tensors_by_value
 
 __all__ = [
     "Binding",
@@ -271,6 +272,7 @@ _VALUE_TYPES: dict[str, str] = {
     "Stream": "at::Stream",
     "SymInt": "c10::SymInt",
     "SymBool": "c10::SymBool",
+    "Dimname": "at::Dimname",  # named-tensor views (rename, refine_names), torch 2.11-2.12
 }
 
 
@@ -308,16 +310,24 @@ def _argument_type(t: Type, *, mutable: bool, owning: bool, where: str) -> str:
     value = _value_type(t, where)
     if value is not None:
         return value
+    # Owning bindings (class fields) hold Tensor and Scalar by value from
+    # torch 2.14 on; older torchgen keeps the const reference even there.
+    by_value = owning and owning_bindings_hold_tensors_by_value()
     if isinstance(t, BaseType):
         if t.name == BaseTy.Tensor:
-            return "at::Tensor &" if mutable else "const at::Tensor &"
-        return "const at::Scalar &"  # the only other reference BaseType
+            if mutable:
+                return "at::Tensor &"
+            return "at::Tensor" if by_value else "const at::Tensor &"
+        # Scalar: the only other reference BaseType
+        return "at::Scalar" if by_value else "const at::Scalar &"
     if isinstance(t, OptionalType):
         elem = str(t.elem)
         if elem == "Tensor":
-            return "at::Tensor &" if mutable else "const ::std::optional<at::Tensor> &"
+            if mutable:
+                return "at::Tensor &"
+            return "::std::optional<at::Tensor>" if by_value else "const ::std::optional<at::Tensor> &"
         if elem == "Scalar":
-            return "const ::std::optional<at::Scalar> &"
+            return "::std::optional<at::Scalar>" if by_value else "const ::std::optional<at::Scalar> &"
         if isinstance(t.elem, ListType) and str(t.elem.elem) == "int":
             return "at::OptionalIntArrayRef"
         if isinstance(t.elem, ListType) and str(t.elem.elem) == "SymInt":
@@ -336,6 +346,8 @@ def _argument_type(t: Type, *, mutable: bool, owning: bool, where: str) -> str:
             return "at::ArrayRef<at::Scalar>"
         if elem == "Tensor?":
             return "const c10::List<::std::optional<at::Tensor>> &"
+        if elem == "Dimname":  # named-tensor views, in native_functions.yaml up to torch 2.12
+            return "at::DimnameList"
         inner = _argument_type(t.elem, mutable=mutable, owning=False, where=where)
         return f"at::ArrayRef<{inner}>"
     raise ValueError(f"hopkit: argument {where!r} has unsupported schema type {t!r}.")
