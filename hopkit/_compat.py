@@ -126,6 +126,22 @@ def registered_hop(name: str) -> torch._ops.HigherOrderOperator | None:
     return torch._ops._higher_order_ops.get(name)
 
 
+def hop_namespace_reserves(name: str) -> bool:
+    """Whether ``torch.ops.higher_order.<name>`` is the namespace's own attribute.
+
+    `torch.ops.higher_order` is a module subclass (torch 2.11-2.15) that keeps
+    its own state in instance attributes (`_dir`) and inherits module
+    attributes (`__class__`, `__getattr__`, ...); a HOP of such a name would
+    overwrite that state or never be found there.
+    """
+    namespace = torch.ops.higher_order
+    if (name.startswith("__") and name.endswith("__")) or hasattr(type(namespace), name):
+        return True
+    if name in vars(namespace):  # a cached HOP is fine; anything else is state
+        return not isinstance(vars(namespace)[name], torch._ops.HigherOrderOperator)
+    return False
+
+
 def publish_hop(hop: torch._ops.HigherOrderOperator) -> None:
     """Make ``torch.ops.higher_order.<name>`` the newest instance.
 
@@ -172,14 +188,23 @@ def _make_variable_class(mod: types.ModuleType) -> Any:
             hop = self.value
             n = hop._num_leading
             leading = tuple(a.as_python_constant() for a in args[:n])
-            # torch 2.11 returns 7 values; 2.12+ append a tracing_info. The
-            # first seven mean the same in every release of the window.
-            (p_args, p_kwargs, example_value, body_r, _, _, output_vts) = (
-                self.create_wrapped_node(
-                    tx, args[n], list(args[n + 1 :]), {}, hop._name, subgraph_name="subgraph"
-                )[:7]
-            )
             config = {k: v.as_python_constant() for k, v in kwargs.items()}
+            # The body is speculated under the HOP's subgraph_context, as every
+            # other rule runs it (torch's wrap_with_autocast variable does the
+            # same): the example values Dynamo hands the rest of the frame
+            # (dtypes under autocast) are then those the call produces.
+            context = (
+                hop.subgraph_context(hop._config(leading, config))
+                if hop._has_context else contextlib.nullcontext()
+            )
+            with context:
+                # torch 2.11 returns 7 values; 2.12+ append a tracing_info. The
+                # first seven mean the same in every release of the window.
+                (p_args, p_kwargs, example_value, body_r, _, _, output_vts) = (
+                    self.create_wrapped_node(
+                        tx, args[n], list(args[n + 1 :]), {}, hop._name, subgraph_name="subgraph"
+                    )[:7]
+                )
             return mod._call_function_with_auto_output_flattening(
                 tx, hop, (*leading, *p_args), config, example_value, body_r, output_vts
             )

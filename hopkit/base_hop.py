@@ -62,6 +62,7 @@ import copy
 import dataclasses
 import functools
 import importlib
+import keyword
 import types
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
@@ -186,6 +187,7 @@ class BaseHOP(HigherOrderOperator):
                 f"read free variables; pass them as operands), or call the HOP "
                 f"inside torch.compile."
             )
+        _check_operands(self, args[n + 1 :])
         if self._fast_path and _compat.is_plain_eager(args[n + 1 :]):
             # NOTE [BaseHOP plain-eager fast path]
             return base_hop_dense(self, *args, **kwargs)
@@ -278,13 +280,37 @@ class BaseHOP(HigherOrderOperator):
         self._fast_path = True
 
 
+_OPERAND_TYPES = (torch.Tensor, int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool)
+
+
+def _check_operands(hop: BaseHOP, operands: Sequence[Any]) -> None:
+    """Operands are tensors or scalars: each becomes one argument of the HOP node."""
+    for i, x in enumerate(operands):
+        if not isinstance(x, _OPERAND_TYPES):
+            raise TypeError(
+                f"hopkit: {hop._name}'s operands must be Tensors or Python/symbolic "
+                f"scalars (int, float, bool), but operands[{i}] is a "
+                f"{type(x).__name__}; pass the tensors of a list or dict as separate "
+                f"operands (hop(g, *tensors)), close over other constants in the "
+                f"subgraph, or pass configuration as a keyword argument."
+            )
+
+
 def _check_new_hop_name(cls: type, name: str) -> None:
     """Refuse a name taken by another HOP before anything is registered."""
-    if not isinstance(name, str) or not name.isidentifier():
+    if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
         raise ValueError(
-            f"hopkit: a HOP name must be a Python identifier (it becomes "
-            f"torch.ops.higher_order.<name>), but got {name!r}; pick a name like "
-            f"'my_invoke_quant'."
+            f"hopkit: a HOP name must be a Python identifier that is not a keyword "
+            f"(it becomes torch.ops.higher_order.<name>), but got {name!r}; pick a "
+            f"name like 'my_invoke_quant'."
+        )
+    if _compat.hop_namespace_reserves(name):
+        raise ValueError(
+            f"hopkit: the HOP name {name!r} is an attribute of the namespace "
+            f"torch.ops.higher_order itself, so torch.ops.higher_order.{name} could "
+            f"never be this HOP (and registering it would break the namespace); "
+            f"pick a name that does not start with an underscore, e.g. "
+            f"'my{name.strip('_') and '_' + name.strip('_')}'."
         )
     existing = _compat.registered_hop(name)
     if existing is None:
@@ -495,29 +521,54 @@ def _build_autograd_plan(hop: BaseHOP, leading: tuple[Any, ...], subgraph: Any,
     with _compat.tracing_fresh_examples(operands) as (examples, trace):
         with torch.enable_grad():
             with torch.no_grad():
-                probe_outs = _flat_outputs(hop, _probe_outputs(fn, examples))
+                probe, mutated = _probe_outputs(fn, examples)
+                probe_outs = _flat_outputs(hop, probe)
+            _refuse_mutated_operands_needing_grad(hop, examples, mutated)
             tangents = [
                 torch.empty(o.shape, dtype=o.dtype, device=o.device)
                 if isinstance(o, torch.Tensor) else None
                 for o in probe_outs
             ]
-            try:
-                joint_gm = trace(joint)(list(examples), tangents)
-            except RuntimeError as e:
-                mutated = [i for i, x in enumerate(examples)
-                           if isinstance(x, torch.Tensor) and x.requires_grad and x._version > 0]
-                if mutated:
-                    raise RuntimeError(
-                        f"hopkit: {hop._name}'s subgraph mutates operand {mutated[0]} in "
-                        f"place, and operand {mutated[0]} requires grad. Autograd "
-                        f"through an in-place update of a HOP operand that requires "
-                        f"grad is not supported; clone it inside the subgraph "
-                        f"(x = x.clone()) or pass a tensor that does not require grad."
-                    ) from e
-                raise
+            joint_gm = trace(joint)(list(examples), tangents)
     num_outputs = len(probe_outs)
     _refuse_unpartitionable_mutations(hop, joint_gm)
-    return _partition(hop, joint_gm, operands, num_outputs, record)
+    try:
+        return _partition(hop, joint_gm, operands, num_outputs, record)
+    except AssertionError as e:
+        # The partitioner's own checks ("Node ... was invalid, but is output"):
+        # a joint traced without functionalization in which an operand that
+        # needs no grad is updated, through a view, with a value that does.
+        if mutated:
+            i = mutated[0]
+            raise NotImplementedError(
+                f"hopkit: under traced autograd (make_fx, aot_eager, inductor, "
+                f"export), {hop._name}'s subgraph updates operand {i} in place with "
+                f"a value that requires grad, and the joint graph cannot be split "
+                f"into forward and backward ({e}). Update the operand directly "
+                f"rather than through a view (buf.add_(v) works), or return the "
+                f"update from the subgraph and apply it outside the HOP."
+            ) from e
+        raise
+
+
+def _refuse_mutated_operands_needing_grad(hop: BaseHOP, examples: Sequence[Any],
+                                          mutated: Sequence[int]) -> None:
+    """Traced autograd through an in-place update of an operand needing grad.
+
+    Eager supports it for a non-leaf (autograd records the body as it runs),
+    but the joint graph is traced on leaf stand-ins of the operands, where
+    torch refuses the in-place update; refuse it here with what to do.
+    """
+    for i in mutated:
+        if getattr(examples[i], "requires_grad", False):
+            raise RuntimeError(
+                f"hopkit: {hop._name}'s subgraph mutates operand {i} in place, and "
+                f"operand {i} requires grad. Under traced autograd (make_fx, "
+                f"aot_eager, inductor, export) an in-place update of a HOP operand "
+                f"that requires grad is not supported (eager supports it for a "
+                f"non-leaf); clone it inside the subgraph (x = x.clone()) and return "
+                f"the new value, or pass a tensor that does not require grad."
+            )
 
 
 def _refuse_unpartitionable_mutations(hop: BaseHOP, joint: torch.fx.GraphModule) -> None:
@@ -556,10 +607,15 @@ def _mutates(gm: Any) -> bool:
     return False
 
 
-def _probe_outputs(fn: Callable[..., Any], examples: Sequence[Any]) -> Any:
-    """Output metadata from a fake run (the examples are fake: nothing runs)."""
+def _probe_outputs(fn: Callable[..., Any], examples: Sequence[Any]) -> tuple[Any, list[int]]:
+    """Output metadata from a fake run (the examples are fake: nothing runs),
+    and the operands the body mutates (also through a view)."""
     clones = [x.clone() if isinstance(x, torch.Tensor) else x for x in examples]
-    return fn(*clones)
+    versions = [x._version if isinstance(x, torch.Tensor) else None for x in clones]
+    out = fn(*clones)
+    mutated = [i for i, (x, v) in enumerate(zip(clones, versions))
+               if isinstance(x, torch.Tensor) and x._version != v]
+    return out, mutated
 
 
 def _flat_outputs(hop: BaseHOP, out: Any) -> tuple[Any, ...]:
@@ -626,12 +682,36 @@ def _finish_backward(bw: torch.fx.GraphModule, fw_graph: torch.fx.Graph,
             bw_inputs.append(("saved", saved_index[ph.name]))
     out_node = bw.graph.find_nodes(op="output")[0]
     kept = [(i, g) for i, g in zip(diff_operands, out_node.args[0]) if g is not None]
-    out_node.args = (tuple(g for _, g in kept),)
+    out_node.args = (tuple(_fresh_output(bw.graph, out_node, g) for _, g in kept),)
     bw.graph.eliminate_dead_code()
     bw.graph.lint()
     bw.recompile()
     _mark_internal(bw)
     return tuple(bw_inputs), tuple(i for i, _ in kept)
+
+
+def _fresh_output(graph: torch.fx.Graph, out_node: torch.fx.Node, value: Any) -> Any:
+    """``value``, cloned if it is an input of the graph or a view of one.
+
+    A backward can be the identity (the grad of ``t + 1`` is the incoming
+    tangent) or a view of it (``expand`` for a sum). A HOP's outputs must not
+    alias its operands (AOTAutograd and Inductor take a HOP's results for
+    fresh buffers), so such a grad becomes a copy: the one case where
+    hopkit's backward costs a copy that eager's does not.
+    """
+    if not isinstance(value, torch.fx.Node):
+        return value
+    node = value
+    while node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) \
+            and node.target.is_view and node.args and isinstance(node.args[0], torch.fx.Node):
+        node = node.args[0]
+    if node.op != "placeholder":
+        return value
+    with graph.inserting_before(out_node):
+        clone = graph.call_function(torch.ops.aten.clone.default, (value,))
+    if "val" in value.meta:
+        clone.meta["val"] = value.meta["val"]
+    return clone
 
 
 def _recompute_backward(plan: _AutogradPlan) -> tuple[torch.fx.GraphModule, tuple[tuple[str, int], ...]]:
@@ -657,13 +737,11 @@ def base_hop_functionalize(hop: BaseHOP, ctx: Any, *args: Any, **kwargs: Any) ->
     See NOTE [BaseHOP input mutation] and NOTE [Operands that alias each other].
     """
     leading, subgraph, operands = hop._split(args)
-    views, overlapping = _operand_views(operands)
-    roots = [i for i in range(len(operands)) if i not in views]
-    unwrapped = ctx.unwrap_tensors(tuple(operands[i] for i in roots))
+    all_groups = _aliasing_groups(operands)
+    groups = [g for g in all_groups if g.span is not None]
+    unwrapped = ctx.unwrap_tensors(tuple(operands))
     body = hop._bind(leading, subgraph, kwargs)
-    if views:
-        body = _rebuild_operand_views(body, len(operands), roots, views, operands)
-    functional = _FunctionalSubgraph(hop, ctx.functionalize, body)
+    functional = _FunctionalSubgraph(hop, ctx.functionalize, body, groups, operands)
     _mark_internal(functional, like=subgraph)
     # Effectful ops in the body order the whole call by effect tokens:
     # NOTE [Effect tokens inside subgraphs] in hopkit/effects.py.
@@ -675,36 +753,51 @@ def base_hop_functionalize(hop: BaseHOP, ctx: Any, *args: Any, **kwargs: Any) ->
     mutated = functional.mutated
     assert mutated is not None, "the functional subgraph records its mutations when run"
     num_outputs = len(res) - len(mutated)
-    for k in mutated:
-        if roots[k] in overlapping:
-            i, j = overlapping[roots[k]]
+    for g in all_groups:
+        if g.span is None and any(i in mutated for i in g.members):
+            a, b = g.members[0], g.members[1]
             raise RuntimeError(
-                f"hopkit: {hop._name}'s subgraph mutates operand {roots[k]}, which "
-                f"shares storage with operand {j if i == roots[k] else i} without "
-                f"either lying within the other, so the mutation cannot be "
-                f"replayed on both. Pass the tensor they are views of as one "
-                f"operand and take the views inside the subgraph."
+                f"hopkit: {hop._name}'s subgraph mutates an operand that shares "
+                f"memory with another of a different dtype (operands {a} and {b}: "
+                f"{operands[a].dtype} and {operands[b].dtype}), so functionalization "
+                f"cannot keep them in step; pass one of them and take the other "
+                f"inside the subgraph (x.view(dtype))."
             )
-    for k, new_value in zip(mutated, res[num_outputs:]):
-        target = operands[roots[k]]
+    for i, new_value in zip(mutated, res[num_outputs:]):
+        target = operands[i]
         ctx.replace(target, new_value)
         ctx.commit_update(target)
         ctx.sync(target)
+    # Members of an aliasing group were written one by one; each now reads
+    # the others' writes too.
+    for g in groups:
+        if any(i in mutated for i in g.members):
+            for i in g.members:
+                ctx.sync(operands[i])
     outs = ctx.wrap_tensors(tuple(res[:num_outputs]))
     return outs[0] if functional.single_output else outs
 
 
 # NOTE [Operands that alias each other]
-# hop(g, x, x[0]) passes two operands that share storage. Eager sees a mutation
+# hop(g, x, x[0]) passes two operands that share memory. Eager sees a mutation
 # of one through the other; functionalization would not, since it wraps each
-# operand on its own. So the functional call passes only the "root" operand of
-# each group, and the body rebuilds the others as views of it with a hopkit
-# ViewMeta (an as_strided relative to the root), so a mutation through either
-# lands in one functional storage and is written back once, to the root.
-# Operands that overlap without one containing the other are refused.
+# operand on its own. So operands whose memory may overlap (same storage,
+# overlapping element ranges: a row and a column of one matrix, partly
+# overlapping slices, interleaved strides) form a group. Inside the functional
+# body, the group's members are placed into one fresh flat tensor spanning
+# their element range (as_strided_scatter, out of place) and rebuilt as
+# as_strided views of it with hopkit ViewMetas: a mutation through any member
+# lands in that one storage, and every other member reads it, as in eager. If
+# the body mutated the flat tensor, the new value of every member is returned
+# and written back to the caller's tensors (overlapping elements get the same
+# value from each). Nothing is viewed in the caller's world, so this works
+# under torch.func.functionalize and torch.compile alike (torch.compile
+# refuses mutations through an as_strided of a view). Operands that share a
+# storage but whose element ranges are disjoint cannot alias and stay apart.
 
 
 def _element_range(t: torch.Tensor) -> tuple[Any, Any]:  # ints or SymInts
+    """The first and last storage element ``t`` can touch (hi < lo when empty)."""
     lo = hi = t.storage_offset()
     for size, stride in zip(t.shape, t.stride()):
         if size == 0:
@@ -714,96 +807,134 @@ def _element_range(t: torch.Tensor) -> tuple[Any, Any]:  # ints or SymInts
     return lo, hi
 
 
-def _operand_views(operands: Sequence[Any]) -> tuple[dict[int, int], dict[int, tuple[int, int]]]:
-    """Operands that are views of another: ({view: root}, {operand: overlapping pair}).
+@dataclasses.dataclass
+class _AliasingGroup:
+    """Operands that may share memory, and where each lies in their flat span."""
 
-    Partly overlapping operands are fine as long as the subgraph does not
-    mutate them; the caller refuses a mutation of one.
-    """
-    groups: dict[int, list[int]] = {}
+    members: tuple[int, ...]
+    span: Any  # int or SymInt: elements from the first to the last one touched;
+    # None for members of different dtypes, which cannot share a flat tensor
+    # (size, stride, offset into the span) of each member
+    geometry: tuple[tuple[tuple[Any, ...], tuple[Any, ...], Any], ...]
+
+
+def _aliasing_groups(operands: Sequence[Any]) -> list[_AliasingGroup]:
+    """Groups of two or more operands whose memory may overlap."""
+    by_storage: dict[int, list[int]] = {}
     for i, t in enumerate(operands):
-        if isinstance(t, torch.Tensor) and t.layout is torch.strided:
+        if isinstance(t, torch.Tensor) and t.layout is torch.strided and t.numel():
             try:
                 key = t.untyped_storage()._cdata
             except (RuntimeError, NotImplementedError):
                 continue
-            groups.setdefault(key, []).append(i)
-    views: dict[int, int] = {}
-    overlapping: dict[int, tuple[int, int]] = {}
-    for members in groups.values():
+            by_storage.setdefault(key, []).append(i)
+    spans: list[tuple[list[int], Any, Any]] = []
+    for members in by_storage.values():
         if len(members) < 2:
             continue
         ranges = {i: _element_range(operands[i]) for i in members}
-        root = min(members, key=lambda i: (ranges[i][0], -ranges[i][1]))
-        for j in members:
-            if j == root:
+        # Sweep the ranges by their start; one that starts past the current
+        # group's end starts a new group.
+        current: list[int] = []
+        lo: Any = None
+        hi: Any = None
+        for i in sorted(members, key=lambda i: ranges[i][0]):
+            r_lo, r_hi = ranges[i]
+            if current and r_lo <= hi:
+                current.append(i)
+                hi = r_hi if r_hi > hi else hi
                 continue
-            if ranges[root][0] <= ranges[j][0] and ranges[j][1] <= ranges[root][1]:
-                views[j] = root
-            else:
-                overlapping[root] = overlapping[j] = (root, j)
-    return views, overlapping
-
-
-def _rebuild_operand_views(body: Callable[..., Any], n: int, roots: list[int],
-                           views: dict[int, int], operands: Sequence[Any]) -> Callable[..., Any]:
-    from hopkit.functionalization import ViewMeta, apply_view_meta_sequence
-
-    geometry = {
-        j: (tuple(operands[j].shape), tuple(operands[j].stride()),
-            operands[j].storage_offset() - operands[r].storage_offset(),
-            tuple(operands[r].stride()))
-        for j, r in views.items()
-    }
-
-    def rebuilt(*root_args: Any) -> Any:
-        full: list[Any] = [None] * n
-        for k, i in enumerate(roots):
-            full[i] = root_args[k]
-        for j, r in views.items():
-            size, stride, offset, root_stride = geometry[j]
-            base = full[r]
-            if tuple(base.stride()) != root_stride:
-                raise RuntimeError(
-                    "hopkit: cannot rebuild an operand that aliases another: the "
-                    "functionalized operand lost its strides; pass the common "
-                    "base tensor as one operand instead."
-                )
-            meta = ViewMeta(torch.ops.aten.as_strided.default,
-                            (size, stride, base.storage_offset() + offset))
-            full[j] = apply_view_meta_sequence(base, [meta])
-        return body(*full)
-
-    return rebuilt
+            if len(current) > 1:
+                spans.append((current, lo, hi))
+            current, lo, hi = [i], r_lo, r_hi
+        if len(current) > 1:
+            spans.append((current, lo, hi))
+    groups = []
+    for members, lo, hi in spans:
+        if len({operands[i].dtype for i in members}) > 1:
+            # Views of one memory as different dtypes cannot share a flat
+            # tensor; they stay apart, and base_hop_functionalize refuses a
+            # mutation of one of them.
+            groups.append(_AliasingGroup(tuple(members), None, ()))
+            continue
+        geometry = tuple(
+            (tuple(operands[i].shape), tuple(operands[i].stride()),
+             operands[i].storage_offset() - lo)
+            for i in members
+        )
+        groups.append(_AliasingGroup(tuple(members), hi - lo + 1, geometry))
+    return groups
 
 
 class _FunctionalSubgraph(FunctionWithNoFreeVars):
     """``subgraph`` run under functionalization, returning mutated operands too.
 
     Running it records which operands the subgraph mutated (in place or through
-    a view); it returns ``(*outputs, *new values of those operands)``.
+    a view); it returns ``(*outputs, *new values of those operands)``. Members
+    of an aliasing group are rebuilt as views of one flat tensor first (NOTE
+    [Operands that alias each other]).
     """
 
     __slots__ = ("hop", "mutated", "single_output", "_hopkit_internal")
 
     def __init__(self, hop: BaseHOP, functionalize: Callable[..., Any],
-                 subgraph: Callable[..., Any]) -> None:
+                 subgraph: Callable[..., Any], groups: Sequence[_AliasingGroup] = (),
+                 operands: Sequence[Any] = ()) -> None:
         self.hop = hop
         self.mutated: tuple[int, ...] | None = None
         self.single_output = False
+        grouped = {i for g in groups for i in g.members}
 
         def with_epilogue(*fargs: Any) -> Any:
-            out = subgraph(*fargs)
+            args = list(fargs)
+            flats = [_place_in_flat(g, fargs) for g in groups]
+            for g, flat in zip(groups, flats):
+                for i, view in zip(g.members, _views_of_flat(g, flat)):
+                    args[i] = view
+            out = subgraph(*args)
             self.single_output = not isinstance(out, (tuple, list))
             outs = _flat_outputs(hop, out)
-            mutated = []
+            mutated: list[int] = []
+            new_values: list[Any] = []
             for i, a in enumerate(fargs):
-                if isinstance(a, torch.Tensor) and _compat.was_mutated(a, hop._name, i):
+                if i not in grouped and isinstance(a, torch.Tensor) and \
+                        _compat.was_mutated(a, hop._name, i):
                     mutated.append(i)
+                    new_values.append(a)
+            for g, flat in zip(groups, flats):
+                if _compat.was_mutated(flat, hop._name, g.members[0]):
+                    mutated.extend(g.members)
+                    # Fresh tensors with each member's own strides: the
+                    # caller's functionalization scatters them back through
+                    # the member's view chain, which expects that layout.
+                    new_values.extend(
+                        v.new_empty_strided(size, stride).copy_(v)
+                        for v, (size, stride, _) in zip(_views_of_flat(g, flat), g.geometry)
+                    )
             self.mutated = tuple(mutated)
-            return (*outs, *(fargs[i] for i in mutated))
+            return (*outs, *new_values)
 
         super().__init__(functionalize(with_epilogue))
+
+
+def _place_in_flat(group: _AliasingGroup, fargs: Sequence[Any]) -> torch.Tensor:
+    """A fresh flat tensor holding every member's elements where its storage has them."""
+    first = fargs[group.members[0]]
+    flat = first.new_zeros((group.span,))
+    for i, (size, stride, offset) in zip(group.members, group.geometry):
+        flat = flat.as_strided_scatter(fargs[i], size, stride, offset)
+    return flat
+
+
+def _views_of_flat(group: _AliasingGroup, flat: torch.Tensor) -> list[torch.Tensor]:
+    from hopkit.functionalization import ViewMeta, apply_view_meta_sequence
+
+    return [
+        apply_view_meta_sequence(
+            flat, [ViewMeta(torch.ops.aten.as_strided.default, (size, stride, offset))]
+        )
+        for size, stride, offset in group.geometry
+    ]
 
 
 # ---------------------------------------------------------------------------
@@ -837,6 +968,13 @@ def base_hop_proxy(hop: BaseHOP, mode: ProxyTorchDispatchMode, *args: Any, **kwa
     # as autocast as enter/exit nodes instead of applying it; the body is
     # traced bare there, and the HOP node applies the context whenever it runs.
     body = subgraph if getattr(mode, "pre_dispatch", False) else hop._bind(leading, subgraph, kwargs)
+    # Python scalars are constants of the trace (as make_fx specializes them
+    # elsewhere): baked into the body, so every argument of the node is a
+    # tensor or a symbol with a value (torch.export checks that).
+    constants = {i: x for i, x in enumerate(operands) if isinstance(x, (int, float, bool))}
+    if constants:
+        body = _with_constants(body, len(operands), constants)
+        operands = tuple(x for i, x in enumerate(operands) if i not in constants)
     gm = reenter_make_fx(body)(*operands)
     name = _fresh_attr_name(tracer.root, "subgraph")
     tracer.root.register_module(name, gm)
@@ -857,6 +995,15 @@ def base_hop_proxy(hop: BaseHOP, mode: ProxyTorchDispatchMode, *args: Any, **kwa
     # Checked once here; the traced graph need not be checked at every run.
     _mark_internal(gm)
     return track_tensor_tree(out, out_proxy, constant=None, tracer=tracer)
+
+
+def _with_constants(body: Callable[..., Any], n: int,
+                    constants: dict[int, Any]) -> Callable[..., Any]:
+    def with_constants(*traced: Any) -> Any:
+        it = iter(traced)
+        return body(*(constants[i] if i in constants else next(it) for i in range(n)))
+
+    return with_constants
 
 
 def _fresh_attr_name(root: torch.nn.Module, prefix: str) -> str:
@@ -891,6 +1038,7 @@ def _gen_schema(hop: BaseHOP, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     from torch._higher_order_ops.schema import HopSchemaGenerator
 
     leading, subgraph, operands = hop._split(args)
+    _check_operands(hop, operands)
     if not isinstance(subgraph, (torch.fx.GraphModule, FunctionWithNoFreeVars)) and not callable(subgraph):
         raise RuntimeError(
             f"hopkit: {hop._name}.gen_schema needs the subgraph as a GraphModule "

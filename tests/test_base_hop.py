@@ -601,15 +601,114 @@ def test_operands_that_alias_each_other(body: Callable[..., Any], view: Callable
     torch.testing.assert_close(x, x_ref)
 
 
-def test_overlapping_operands_are_fine_until_mutated() -> None:
-    x = torch.arange(6.0).reshape(2, 3)
-    reader = hopkit.FunctionWithNoFreeVars(lambda a, b: (a * b,))
-    out = torch.func.functionalize(lambda t: invoke_quant(reader, t[:, :2], t[:, 1:]))(x)[0]
-    torch.testing.assert_close(out, x[:, :2] * x[:, 1:])
-    writer = hopkit.FunctionWithNoFreeVars(mutate_column_read_whole)
+def mutate_first_read_second(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor]:
+    a.mul_(-1)
+    return (b * 1,)
+
+
+def _run_in_mode(mode: str, body: Callable[..., Any], base: torch.Tensor,
+                 views: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]) -> torch.Tensor:
+    """hop(body, *views(base)) in ``mode``; returns the output (base is mutated)."""
+    wrapped = hopkit.FunctionWithNoFreeVars(body)
+    if mode == "eager":
+        return invoke_quant(wrapped, *views(base))[0]
+    if mode == "functionalize":
+        return torch.func.functionalize(lambda t: invoke_quant(wrapped, *views(t)))(base)[0]
+    torch._dynamo.reset()
+    return torch.compile(lambda t: invoke_quant(body, *views(t))[0], backend=mode,
+                         fullgraph=True)(base)
+
+
+PARTLY_OVERLAPPING = [
+    # A column and a row of one matrix: their element ranges overlap, yet the
+    # row does not lie within the column (the case that read out of bounds).
+    pytest.param(lambda t: (t[:, 0], t[0]), id="column_and_row"),
+    pytest.param(lambda t: (t[0], t[:, 0]), id="row_and_column"),
+    pytest.param(lambda t: (t.view(-1)[:7], t.view(-1)[4:]), id="overlapping_slices"),
+    pytest.param(lambda t: (t[:, 0], t[:, 1]), id="interleaved_columns"),
+    pytest.param(lambda t: (t[0], t[1]), id="disjoint_rows"),
+    pytest.param(lambda t: (t.t(), t[1:, 1:]), id="transpose_and_block"),
+]
+
+
+@pytest.mark.parametrize("mode", ["eager", "functionalize", "aot_eager", "inductor"])
+@pytest.mark.parametrize("views", PARTLY_OVERLAPPING)
+def test_partly_overlapping_operands_with_a_mutation(
+        views: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], mode: str) -> None:
+    ref_base = torch.arange(12.0).reshape(3, 4) + 1
+    ref = mutate_first_read_second(*views(ref_base))[0]
+    base = torch.arange(12.0).reshape(3, 4) + 1
+    out = _run_in_mode(mode, mutate_first_read_second, base, views)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(base, ref_base)
+
+
+def test_operands_of_different_dtypes_sharing_memory() -> None:
+    # Reading is fine; a mutation cannot be kept in step and is refused.
+    x = torch.arange(4, dtype=torch.int32)
+    reader = hopkit.FunctionWithNoFreeVars(lambda a, b: (a * 2, b + 1))
+    out = torch.func.functionalize(lambda t: invoke_quant(reader, t, t.view(torch.float32)))(x)
+    torch.testing.assert_close(out[0], x * 2)
+    torch.testing.assert_close(out[1], x.view(torch.float32) + 1)
+    writer = hopkit.FunctionWithNoFreeVars(lambda a, b: (a.add_(1), (b * 1,))[1])
     msg = error_of(lambda: torch.func.functionalize(
-        lambda t: invoke_quant(writer, t[:, :2], t[:, 1:]))(x.clone()), RuntimeError)
-    assert_expected_inline(msg, """hopkit: hopkit_test_invoke_quant's subgraph mutates operand 1, which shares storage with operand 0 without either lying within the other, so the mutation cannot be replayed on both. Pass the tensor they are views of as one operand and take the views inside the subgraph.""")
+        lambda t: invoke_quant(writer, t, t.view(torch.float32)))(x.clone()), RuntimeError)
+    assert_expected_inline(msg, """hopkit: hopkit_test_invoke_quant's subgraph mutates an operand that shares memory with another of a different dtype (operands 0 and 1: torch.int32 and torch.float32), so functionalization cannot keep them in step; pass one of them and take the other inside the subgraph (x.view(dtype)).""")
+
+
+_ALIAS_VIEWS: list[Callable[[torch.Tensor], torch.Tensor]] = [
+    lambda t: t,                        # the same storage, whole
+    lambda t: t[1],                     # a row
+    lambda t: t[:, 2],                  # a column
+    lambda t: t[1:, 1:3],               # a block
+    lambda t: t.view(-1)[3:9],          # a slice of the flat storage
+    lambda t: t.view(-1)[::3],          # strided
+    lambda t: t.t(),                    # transposed
+    lambda t: t[:, ::2],                # every other column
+    lambda t: t.view(-1)[10:],          # the tail
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["functionalize", "aot_eager"])
+def test_property_aliasing_layouts_with_a_mutation(mode: str) -> None:
+    # Two operands drawn from views of one 3x4 storage (same storage,
+    # overlapping and disjoint slices, rows vs columns, strided); the body
+    # mutates one and reads both: every mode agrees with eager.
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    def body(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a.mul_(-2).add_(1)
+        return (a.sum() + b * 1, b.flatten()[:1] * 3)
+
+    def swapped(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return body(b, a)
+
+    @hypothesis.settings(max_examples=12 if mode == "aot_eager" else 40, deadline=None,
+                         derandomize=True)
+    @hypothesis.given(st.integers(0, len(_ALIAS_VIEWS) - 1),
+                      st.integers(0, len(_ALIAS_VIEWS) - 1), st.booleans())
+    def check(i: int, j: int, swap: bool) -> None:
+        fn = swapped if swap else body
+
+        def views(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return _ALIAS_VIEWS[i](t), _ALIAS_VIEWS[j](t)
+
+        ref_base = torch.arange(12.0).reshape(3, 4)
+        ref = fn(*views(ref_base))
+        base = torch.arange(12.0).reshape(3, 4)
+        wrapped = hopkit.FunctionWithNoFreeVars(fn)
+        if mode == "functionalize":
+            out = torch.func.functionalize(lambda t: invoke_quant(wrapped, *views(t)))(base)
+        else:
+            torch._dynamo.reset()
+            out = torch.compile(lambda t: invoke_quant(fn, *views(t)), backend=mode,
+                                fullgraph=True)(base)
+        torch.testing.assert_close(tuple(out), ref)
+        torch.testing.assert_close(base, ref_base)
+
+    check()
 
 
 def test_output_aliasing_refused_under_compile() -> None:
@@ -777,7 +876,147 @@ def test_error_bad_name() -> None:
             super().__init__("not a name")
 
     assert_expected_inline(error_of(Bad, ValueError), """\
-hopkit: a HOP name must be a Python identifier (it becomes torch.ops.higher_order.<name>), but got 'not a name'; pick a name like 'my_invoke_quant'.""")
+hopkit: a HOP name must be a Python identifier that is not a keyword (it becomes torch.ops.higher_order.<name>), but got 'not a name'; pick a name like 'my_invoke_quant'.""")
+
+
+def _hop_named(name: str) -> Callable[[], hopkit.BaseHOP]:
+    def make() -> hopkit.BaseHOP:
+        cls = type("Named", (hopkit.BaseHOP,), {"__init__": lambda self: hopkit.BaseHOP.__init__(self, name)})
+        return cls()
+
+    return make
+
+
+@pytest.mark.parametrize("name", ["_dir", "__class__", "__init__", "__getattr__", "__name__"])
+def test_error_name_of_the_namespaces_own_attribute(name: str) -> None:
+    # Such a HOP would overwrite torch.ops.higher_order's own state (a HOP
+    # named _dir broke every later HOP and make_fx) or never be found there.
+    dir_before = torch.ops.higher_order._dir
+    msg = error_of(_hop_named(name), ValueError)
+    assert msg.startswith(f"hopkit: the HOP name {name!r} is an attribute of the namespace torch.ops.higher_order itself")
+    assert torch.ops.higher_order._dir is dir_before
+    assert name not in torch._ops._higher_order_ops
+    # The namespace still works: a new HOP is found and traces.
+    hop = _hop_named("hopkit_test_after_bad_names")()
+    assert torch.ops.higher_order.hopkit_test_after_bad_names is hop
+    make_fx(lambda t: hop(hopkit.FunctionWithNoFreeVars(lambda a: (a + 1,)), t))(torch.randn(2))
+
+
+def test_error_name_of_the_namespaces_own_attribute_message() -> None:
+    assert_expected_inline(error_of(_hop_named("_dir"), ValueError), """\
+hopkit: the HOP name '_dir' is an attribute of the namespace torch.ops.higher_order itself, so torch.ops.higher_order._dir could never be this HOP (and registering it would break the namespace); pick a name that does not start with an underscore, e.g. 'my_dir'.""")
+    assert_expected_inline(error_of(_hop_named("if"), ValueError), """\
+hopkit: a HOP name must be a Python identifier that is not a keyword (it becomes torch.ops.higher_order.<name>), but got 'if'; pick a name like 'my_invoke_quant'.""")
+
+
+@pytest.mark.parametrize("bad", [[1], {"a": 1}, None, "s", (1,)], ids=["list", "dict", "None", "str", "tuple"])
+def test_error_operands_that_are_not_tensors_or_scalars(bad: Any) -> None:
+    a = torch.randn(3)
+    body = hopkit.FunctionWithNoFreeVars(lambda t, x: (t * 2,))
+    msg = error_of(lambda: invoke_quant(body, a, bad), TypeError)
+    assert msg == (
+        f"hopkit: hopkit_test_invoke_quant's operands must be Tensors or Python/symbolic "
+        f"scalars (int, float, bool), but operands[1] is a {type(bad).__name__}; pass the "
+        f"tensors of a list or dict as separate operands (hop(g, *tensors)), close over "
+        f"other constants in the subgraph, or pass configuration as a keyword argument."
+    )
+    # Refused the same way everywhere, before anything is traced.
+    assert error_of(lambda: make_fx(lambda t: invoke_quant(body, t, bad), tracing_mode="fake")(a),
+                    TypeError) == msg
+    assert error_of(lambda: invoke_quant.gen_schema(body, a, bad), TypeError) == msg
+
+
+def test_error_operands_message() -> None:
+    a = torch.randn(3)
+    body = hopkit.FunctionWithNoFreeVars(lambda t, x: (t * 2,))
+    assert_expected_inline(error_of(lambda: invoke_quant(body, a, [a]), TypeError), """\
+hopkit: hopkit_test_invoke_quant's operands must be Tensors or Python/symbolic scalars (int, float, bool), but operands[1] is a list; pass the tensors of a list or dict as separate operands (hop(g, *tensors)), close over other constants in the subgraph, or pass configuration as a keyword argument.""")
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["non_strict", "strict"])
+def test_scalar_operands_through_export(strict: bool) -> None:
+    scale = hopkit.FunctionWithNoFreeVars(lambda t, n, f: (t * n + f,))
+
+    class Scaled(torch.nn.Module):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return invoke_quant(scale, t, 3, 0.5)[0]
+
+    a = torch.randn(3)
+    ep = torch.export.export(Scaled(), (a,), strict=strict)
+    torch.testing.assert_close(ep.module()(a), a * 3 + 0.5)
+    nodes = [n for n in ep.graph.nodes if n.target is invoke_quant]
+    assert len(nodes) == 1
+    torch.testing.assert_close(ep.run_decompositions().module()(a), a * 3 + 0.5)
+
+
+@pytest.mark.parametrize("mode", ["eager", "make_fx", "aot_eager", "inductor"])
+@pytest.mark.parametrize("body", [
+    pytest.param(lambda t: (t + 1,), id="add_const"),
+    pytest.param(lambda t: (t.clone(),), id="clone"),
+    pytest.param(lambda t: (t.sum(),), id="sum_grad_is_expand"),
+    pytest.param(lambda t: (t.view(-1) * 1,), id="view_then_mul"),
+])
+def test_backward_that_is_the_identity_or_a_view(body: Callable[..., Any], mode: str) -> None:
+    # The grad of t + 1 is the incoming tangent itself, and that of a sum a
+    # view of it: hopkit's backward graph must not hand back an alias.
+    x = torch.randn(3, requires_grad=True)
+    ref = torch.autograd.grad(body(x)[0].sum(), x)[0]
+    wrapped = hopkit.FunctionWithNoFreeVars(body)
+
+    def step(a: torch.Tensor) -> torch.Tensor:
+        return torch.autograd.grad(invoke_quant(wrapped, a)[0].sum(), a)[0]
+
+    if mode == "eager":
+        got = step(x)
+    elif mode == "make_fx":
+        got = make_fx(step)(x)(x)
+    else:
+        torch._dynamo.reset()
+        y = x.detach().clone().requires_grad_()
+        torch.compile(lambda a: invoke_quant(body, a)[0], backend=mode, fullgraph=True)(y).sum().backward()
+        got = y.grad
+    torch.testing.assert_close(got, ref)
+
+
+def test_dynamo_sees_the_dtype_the_context_gives() -> None:
+    # Dynamo traces the body under subgraph_context, as every other rule runs
+    # it: a branch on the output dtype takes eager's side.
+    from hopkit.export import wrap_with_autocast
+
+    def f(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        out = wrap_with_autocast("cpu", torch.bfloat16, True, False, lambda a, b: (a @ b,), x, w)[0]
+        return out * 2 if out.dtype == torch.bfloat16 else out * 3
+
+    x, w = torch.randn(2, 2), torch.randn(2, 2)
+    with torch.autocast("cpu", torch.bfloat16):
+        ref = (x @ w) * 2
+    for backend in ["eager", "aot_eager"]:
+        torch._dynamo.reset()
+        out = torch.compile(f, backend=backend, fullgraph=True)(x, w)
+        assert out.dtype == torch.bfloat16, backend
+        torch.testing.assert_close(out, ref)
+
+
+def test_compile_an_exported_autocast_module() -> None:
+    # The same cause: Dynamo saw float32 where the HOP gives bfloat16, and
+    # compiling hopkit.export.export(...).module() failed with "Tensor dtype
+    # mismatch".
+    import hopkit.export
+
+    class M(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.autocast("cpu", torch.bfloat16):
+                y = self.lin(x)
+            return y.float() + 1
+
+    m, x = M(), torch.randn(3, 2)
+    ep = hopkit.export.export(m, (x,))
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(ep.module(), backend="aot_eager")(x), m(x))
 
 
 def test_error_output_aliases_operand() -> None:
@@ -833,3 +1072,60 @@ def _restore_default_dtype() -> Iterator[None]:
     dtype = torch.get_default_dtype()
     yield
     torch.set_default_dtype(dtype)
+
+
+def test_error_traced_mutation_of_an_operand_needing_grad() -> None:
+    # Eager computes this (autograd records the body); traced autograd refuses
+    # it clearly instead of torch's "a leaf Variable ..." from deep inside.
+    body = hopkit.FunctionWithNoFreeVars(lambda t: (t.add_(1), (t * 3,))[1])
+    x = torch.randn(3, requires_grad=True)
+    eager = invoke_quant(body, x * 2)[0]
+    torch.testing.assert_close(eager, (x * 2 + 1) * 3)
+    msg = error_of(lambda: make_fx(lambda a: invoke_quant(body, a * 2)[0])(x), RuntimeError)
+    assert_expected_inline(msg, """hopkit: hopkit_test_invoke_quant's subgraph mutates operand 0 in place, and operand 0 requires grad. Under traced autograd (make_fx, aot_eager, inductor, export) an in-place update of a HOP operand that requires grad is not supported (eager supports it for a non-leaf); clone it inside the subgraph (x = x.clone()) and return the new value, or pass a tensor that does not require grad.""")
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="operand 0 requires grad. Under traced autograd"):
+        torch.compile(lambda a: invoke_quant(lambda t: (t.add_(1), (t * 3,))[1], a * 2)[0],
+                      backend="aot_eager", fullgraph=True)(x)
+
+
+def test_error_traced_update_through_a_view_with_a_value_needing_grad() -> None:
+    def through_view(buf: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor]:
+        buf[1:].add_(x.sum(0)[1:])
+        return (buf * 1,)
+
+    def direct(buf: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor]:
+        buf.add_(x.sum(0))
+        return (buf * 1,)
+
+    x = torch.randn(2, 3, requires_grad=True)
+    # The direct update trains under aot_eager, with eager's grads.
+    buf, ref_buf = torch.zeros(3), torch.zeros(3)
+    ref = direct(ref_buf, x)[0]
+    torch._dynamo.reset()
+    out = torch.compile(lambda b, a: invoke_quant(direct, b, a)[0], backend="aot_eager",
+                        fullgraph=True)(buf, x)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(buf, ref_buf)
+    # Through a view the partitioner cannot split the joint: a clear refusal.
+    torch._dynamo.reset()
+    with pytest.raises(Exception) as info:
+        torch.compile(lambda b, a: invoke_quant(through_view, b, a)[0], backend="aot_eager",
+                      fullgraph=True)(torch.zeros(3), x)
+    msg = str(info.value)
+    assert "hopkit: under traced autograd (make_fx, aot_eager, inductor, export), hopkit_test_invoke_quant's subgraph updates operand 0 in place with a value that requires grad" in msg
+    assert "Update the operand directly rather than through a view" in msg
+
+
+@pytest.mark.parametrize("result", [None, ()], ids=["None", "empty_tuple"])
+@pytest.mark.parametrize("mode", ["eager", "aot_eager"])
+def test_subgraph_returning_nothing(result: Any, mode: str) -> None:
+    # A body that uses none of its operands and returns nothing: the HOP call
+    # is the first node traced (this crashed with a bare StopIteration).
+    a = torch.randn(3)
+    if mode == "eager":
+        out = invoke_quant(hopkit.FunctionWithNoFreeVars(lambda t: result), a)
+    else:
+        torch._dynamo.reset()
+        out = torch.compile(lambda t: invoke_quant(lambda u: result, t), backend=mode)(a)
+    assert out == result
