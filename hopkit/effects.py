@@ -91,6 +91,10 @@ class WithEffects(HigherOrderOperator):
     Calls ``op(*args, **kwargs)`` and returns a fresh token in front of its
     outputs. A tuple output is spread (one graph output per element); any
     other output, a list included, stays one output, matching the op's schema.
+
+    ``token`` is the token of the previous call (``new_token_tensor()`` for
+    the first): a Tensor, or ``None``, which is what AOTAutograd feeds compiled
+    graphs at run time; anything else is refused.
     """
 
     def __init__(self) -> None:
@@ -99,6 +103,11 @@ class WithEffects(HigherOrderOperator):
     def __call__(
         self, token: Any, op: OpType, /, *args: Any, **kwargs: Any
     ) -> tuple[Any, ...]:
+        # None: the token AOTAutograd's runtime wrappers pass to compiled
+        # graphs (tokens carry no data, so torch feeds None at run time).
+        # torch.fx.Proxy: a token under torch.fx.symbolic_trace.
+        if token is not None and not isinstance(token, _TOKEN_TYPES):
+            raise _bad_token(token)
         try:
             checked = op in _CHECKED_OPS
         except TypeError:  # unhashable: certainly not an op
@@ -133,6 +142,16 @@ class WithEffects(HigherOrderOperator):
         return super().__call__(token, op, *args, **kwargs)
 
 
+def _bad_token(token: Any) -> TypeError:
+    return TypeError(
+        "hopkit: with_effects(token, op, *args) expects token to be an effect "
+        "token, a Tensor that carries no data and chains the effectful calls "
+        f"one after another, but got {_describe(token)}; pass the token returned "
+        "by new_token_tensor() or by the previous with_effects call "
+        "(its first output)."
+    )
+
+
 def _check_wrappable(hop: WithEffects, op: Any) -> None:
     if not isinstance(op, (HigherOrderOperator, OpOverload)):
         raise TypeError(
@@ -145,7 +164,7 @@ def _check_wrappable(hop: WithEffects, op: Any) -> None:
         raise ValueError(
             "hopkit: with_effects cannot wrap itself; pass the effectful op."
         )
-    if has_aliasing(op):
+    if _aliases(op):
         raise ValueError(
             f"hopkit: with_effects cannot wrap {_display_name(op)}: its schema "
             f"`{op._schema}` mutates or aliases an argument or output "  # type: ignore[union-attr]
@@ -157,6 +176,9 @@ def _check_wrappable(hop: WithEffects, op: Any) -> None:
 
 _CHECKED_OPS: set[Any] = set()
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+# What a token may be (besides None): a tensor of any kind (plain, fake,
+# functional, tracked by make_fx), or an FX proxy under symbolic tracing.
+_TOKEN_TYPES = (torch.Tensor, torch.fx.Proxy)
 # Bound once: the fast path runs for every effectful call of a compiled graph.
 _dispatch_stack_len = torch._C._len_torch_dispatch_stack
 _torch_function_mode_on = torch._C._is_torch_function_mode_enabled
@@ -199,56 +221,116 @@ def new_token_tensor() -> torch.Tensor:
 # The registry
 # ---------------------------------------------------------------------------
 
-# key -> effect; a key is "ns::name" (every overload), "ns::name.overload" (one
-# overload) or "higher_order::name" (a HOP). A key mapped to None means
-# "registered as having no effect", which overrides torch's own registry.
+# NOTE [A stack of registrations per op]
+# Every register_effectful_op call pushes one _Registration onto the stack of
+# its key; its handle removes exactly that entry, wherever it sits in the
+# stack. What hopkit reports for a key is the newest active registration, so
+# destroying handles in any order ends with the state before all of them, and
+# in between the state is that of the registrations still active, made in
+# their order (as torch.library's handles behave).
+# The FX side-effectful flag of each overload is derived the same way: its
+# value before the first active registration that covers it, or-ed with
+# "some active registration covering it has an effect"; when none covers it
+# any more, that first value is put back.
+
+# key -> active registrations, oldest first; a key is "ns::name" (every
+# overload), "ns::name.overload" (one overload) or "higher_order::name" (a HOP).
+_STACKS: dict[str, list[_Registration]] = {}
+# key -> effect of the newest active registration (derived from _STACKS). A
+# key mapped to None means "registered as having no effect", which overrides
+# torch's own registry.
 _REGISTRY: dict[str, Any] = {}
+# overload -> whether FX treated it as side-effectful before the first active
+# registration covering it.
+_SIDE_EFFECTFUL_BEFORE: dict[Any, bool] = {}
 # op -> (registered with hopkit?, effect); cleared whenever _REGISTRY changes.
 # Functionalization asks this for every op it sees, so it must be cheap.
 _LOOKUP_CACHE: dict[Any, tuple[bool, Any]] = {}
 _REGISTRY_LOCK = threading.Lock()
 
 
+class _Registration:
+    """One register_effectful_op call: its key, effect and the overloads it
+    covers."""
+
+    __slots__ = ("key", "effect", "overloads")
+
+    def __init__(self, key: str, effect: Any, overloads: list[Any]) -> None:
+        self.key = key
+        self.effect = effect
+        self.overloads = overloads
+
+
+def _push(entry: _Registration) -> None:
+    with _REGISTRY_LOCK:
+        _STACKS.setdefault(entry.key, []).append(entry)
+        _refresh(entry)
+
+
+def _remove(entry: _Registration) -> None:
+    with _REGISTRY_LOCK:
+        stack = _STACKS.get(entry.key, [])
+        for i, e in enumerate(stack):
+            if e is entry:
+                del stack[i]
+                break
+        else:
+            return
+        _refresh(entry)
+
+
+def _refresh(changed: _Registration) -> None:
+    """Recompute what ``changed`` touches from the active registrations (see
+    NOTE [A stack of registrations per op]). Called with the lock held."""
+    stack = _STACKS.get(changed.key)
+    if stack:
+        _REGISTRY[changed.key] = stack[-1].effect
+    else:
+        _STACKS.pop(changed.key, None)
+        _REGISTRY.pop(changed.key, None)
+    _LOOKUP_CACHE.clear()
+    for fn in changed.overloads:
+        covering = [
+            e for entries in _STACKS.values() for e in entries
+            if any(o is fn for o in e.overloads)
+        ]
+        if not covering:
+            if fn in _SIDE_EFFECTFUL_BEFORE:
+                _compat.set_side_effectful(fn, _SIDE_EFFECTFUL_BEFORE.pop(fn))
+            continue
+        before = _SIDE_EFFECTFUL_BEFORE.setdefault(fn, _compat.is_side_effectful(fn))
+        # A registration with an effect keeps an unused-result call alive
+        # wherever the op appears *without* a token: Dynamo's graph, export's
+        # training IR, ep.module().
+        _compat.set_side_effectful(
+            fn, before or any(e.effect is not None for e in covering)
+        )
+
+
 class EffectRegistrationHandle:
     """Undoes one :func:`register_effectful_op` call.
 
-    ``destroy()`` puts back exactly what was there before the registration:
-    the previous hopkit registration of the op (or none), and whether each of
-    its overloads was already protected from dead-code elimination. Handles
-    are meant to be destroyed in reverse order of creation (like
-    ``torch.library`` handles); destroying twice does nothing.
+    ``destroy()`` removes this registration, and only it (see NOTE [A stack of
+    registrations per op]): the op is then reported as the other active
+    registrations of it say (or as before any, when none is left), and each of
+    its overloads is protected from dead-code elimination exactly when it was
+    before or another active registration asks for it. Handles may be
+    destroyed in any order; destroying twice does nothing.
     """
 
-    def __init__(
-        self,
-        key: str,
-        previous: Any,
-        was_side_effectful: dict[Any, bool],
-    ) -> None:
-        self._key = key
-        self._previous = previous
-        self._was_side_effectful = was_side_effectful
+    def __init__(self, entry: _Registration) -> None:
+        self._entry = entry
         self._destroyed = False
 
     def destroy(self) -> None:
         if self._destroyed:
             return
         self._destroyed = True
-        with _REGISTRY_LOCK:
-            if self._previous is _MISSING:
-                _REGISTRY.pop(self._key, None)
-            else:
-                _REGISTRY[self._key] = self._previous
-            _LOOKUP_CACHE.clear()
-            for fn, was in self._was_side_effectful.items():
-                _compat.set_side_effectful(fn, was)
+        _remove(self._entry)
 
     def __repr__(self) -> str:
         state = "destroyed" if self._destroyed else "active"
-        return f"<EffectRegistrationHandle {self._key} ({state})>"
-
-
-_MISSING: Any = object()
+        return f"<EffectRegistrationHandle {self._entry.key} ({state})>"
 
 
 def register_effectful_op(
@@ -267,7 +349,8 @@ def register_effectful_op(
             registry, e.g. for a torchbind method that only reads).
 
     Returns:
-        A handle; ``handle.destroy()`` restores the previous state.
+        A handle; ``handle.destroy()`` undoes this registration (and only it:
+        a newer registration of the same op stays in force).
 
     From then on, under ``torch.compile`` (aot_eager, inductor) and in
     ``torch.export`` programs after ``run_decompositions()``, every call of the
@@ -275,7 +358,8 @@ def register_effectful_op(
     run exactly once each, and a call whose result is unused is kept.
     The op must be functional: an op that mutates or aliases its inputs is
     rejected, because a token cannot stand in for the data dependence that a
-    mutation creates.
+    mutation creates. Registering an op again overrides the earlier
+    registration until the new handle is destroyed.
 
     Everything is checked before anything is registered; on error the
     registry is unchanged.
@@ -284,24 +368,22 @@ def register_effectful_op(
         raise TypeError(
             "hopkit: register_effectful_op(op, effect) expects effect to be an "
             f"EffectType (e.g. EffectType.ORDERED) or None, but got "
-            f"{type(effect).__name__} {effect!r}."
+            f"{_describe(effect)}; pass EffectType.ORDERED, or None to declare "
+            "the op effect-free."
         )
-    key, display, overloads = _resolve(op)
+    key, display, overloads = _resolve(op, _REGISTER)
+    if with_effects in overloads:
+        raise ValueError(
+            "hopkit: cannot register with_effects itself as effectful; "
+            "register the op it wraps."
+        )
     for overload in overloads:
         _check_registrable(overload, display)
 
     _compat.install_effects_integration(_integration())
-    with _REGISTRY_LOCK:
-        previous = _REGISTRY.get(key, _MISSING)
-        was_side_effectful = {fn: _compat.is_side_effectful(fn) for fn in overloads}
-        _REGISTRY[key] = effect
-        _LOOKUP_CACHE.clear()
-        if effect is not None:
-            # Keeps an unused-result call alive wherever the op appears *without*
-            # a token: Dynamo's graph, export's training IR, ep.module().
-            for fn in overloads:
-                _compat.set_side_effectful(fn, True)
-    return EffectRegistrationHandle(key, previous, was_side_effectful)
+    entry = _Registration(key, effect, overloads)
+    _push(entry)
+    return EffectRegistrationHandle(entry)
 
 
 def _lookup(op: Any) -> tuple[bool, Any]:
@@ -338,7 +420,7 @@ def get_effect(op: OpIdentifier) -> Any:
     if isinstance(op, (OpOverload, HigherOrderOperator)):
         found, effect = _lookup(op)
         return effect if found else _compat.torch_get_effect(op)
-    key, _, overloads = _resolve(op)
+    key, _, overloads = _resolve(op, _GET_EFFECT)
     if key in _REGISTRY:
         return _REGISTRY[key]
     if len(overloads) == 1 and isinstance(overloads[0], (OpOverload, HigherOrderOperator)):
@@ -348,7 +430,14 @@ def get_effect(op: OpIdentifier) -> Any:
 
 def has_aliasing(op: Any) -> bool:
     """Whether ``op``'s schema mutates or aliases (a ``(a)`` / ``(a!)``
-    annotation on an argument or a return). HOPs have no schema: ``False``."""
+    annotation on an argument or a return). ``op``: an ``OpOverload``, a
+    ``torch.library.custom_op`` object or a HOP (HOPs have no schema:
+    ``False``)."""
+    op = _one_op(op, "has_aliasing")
+    return _aliases(op)
+
+
+def _aliases(op: Any) -> bool:
     if not isinstance(op, OpOverload):
         return False
     schema = op._schema
@@ -358,11 +447,53 @@ def has_aliasing(op: Any) -> bool:
 
 
 def has_effects(op: Any) -> bool:
-    """Whether calls of ``op`` get threaded with an effect token."""
+    """Whether calls of ``op`` get threaded with an effect token. ``op``: an
+    ``OpOverload``, a ``torch.library.custom_op`` object or a HOP; any other
+    callable (an FX node's ``operator.getitem``, a Python function) is no op
+    and has no effects. A packet or a name string is refused (its overloads
+    may differ): ask :func:`get_effect` for it."""
+    if isinstance(op, (OpOverload, HigherOrderOperator)):
+        return _threads_effects(op)
+    custom_op_def = _compat.custom_op_def_type()
+    if (
+        callable(op)
+        and not isinstance(op, (str, OpOverloadPacket))
+        and not (custom_op_def is not None and isinstance(op, custom_op_def))
+    ):
+        return False  # another call target: no op, no effects
+    return _threads_effects(_one_op(op, "has_effects"))
+
+
+def _threads_effects(op: Any) -> bool:
+    """has_effects for the token machinery: any object, never raises."""
     return (
         isinstance(op, (HigherOrderOperator, OpOverload))
-        and not has_aliasing(op)
+        and not _aliases(op)
         and get_effect(op) is not None
+    )
+
+
+def _one_op(op: Any, fn: str) -> Any:
+    """The one OpOverload or HOP that ``op`` stands for, else a clear error."""
+    if isinstance(op, (OpOverload, HigherOrderOperator)):
+        return op
+    custom_op_def = _compat.custom_op_def_type()
+    if custom_op_def is not None and isinstance(op, custom_op_def):
+        return op._opoverload
+    if isinstance(op, (str, OpOverloadPacket)):
+        fix = "pass one overload (torch.ops.mylib.log.default)"
+        if fn == "has_effects":
+            fix += (
+                ", or ask get_effect(op), which also takes a packet or an "
+                "'ns::name' string"
+            )
+    else:
+        fix = "pass the op itself"
+    others = " (or another callable, which has no effects)" if fn == "has_effects" else ""
+    raise TypeError(
+        f"hopkit: {fn}(op) expects op to be an OpOverload "
+        "(torch.ops.mylib.log.default), a torch.library.custom_op object or a "
+        f"HigherOrderOperator{others}, but got {_describe(op)}; {fix}."
     )
 
 
@@ -391,9 +522,15 @@ def handle_effects(
             created (during AOTAutograd's metadata pass; in the backward pass
             it becomes a new ``tangents_token`` graph input); if false, a
             missing token is an error.
-        tokens: effect type -> current token (functional tensors); updated in
-            place with the new token.
-        op, args, kwargs: the effectful call, with functional tensors.
+        tokens: a dict from :class:`EffectType` to the current token tensor
+            (functional tensors; ``{}`` before the first effect, with
+            discovery on), as in torch's ``handle_effects``; updated in place
+            with the new token.
+        op, args, kwargs: the effectful call (an ``OpOverload`` or a HOP, a
+            tuple or list of arguments, a dict of keyword arguments), with
+            functional tensors.
+
+    Bad arguments are refused before anything is traced.
 
     Returns the op's outputs, with the op's own structure (``None`` for no
     return, a tensor for one, a tuple for several; a HOP's outputs as a tuple).
@@ -401,11 +538,18 @@ def handle_effects(
     Inside a HOP's subgraph (see NOTE [Effect tokens inside subgraphs]) the
     call stays a plain call and the enclosing HOP call is threaded instead.
     """
+    _check_handle_effects_args(tokens, op, args, kwargs)
     key = get_effect(op)
     if key is None:
         raise RuntimeError(
             f"hopkit: handle_effects called for {_display_name(op)}, which has "
             "no registered effect; register it with register_effectful_op first."
+        )
+    if key in tokens and not isinstance(tokens[key], torch.Tensor):
+        raise TypeError(
+            f"hopkit: {_HANDLE_EFFECTS} expects each value of tokens to be a "
+            f"token tensor, but tokens[{key}] is {_describe(tokens[key])}; keep "
+            "the tokens that new_token_tensor() and handle_effects put there."
         )
     from torch._subclasses.functional_tensor import PythonFunctionalizeAPI
 
@@ -435,6 +579,37 @@ def handle_effects(
         )
     tokens[key] = wrapped_token
     return ctx.wrap_tensors(result)
+
+
+_HANDLE_EFFECTS = "handle_effects(allow_token_discovery, tokens, op, args, kwargs)"
+
+
+def _check_handle_effects_args(tokens: Any, op: Any, args: Any, kwargs: Any) -> None:
+    if not isinstance(tokens, dict):
+        raise TypeError(
+            f"hopkit: {_HANDLE_EFFECTS} expects tokens to be a dict from "
+            "EffectType to token tensor (as torch's handle_effects; e.g. "
+            f"FunctionalTensorMode's _tokens), but got {_describe(tokens)}; pass "
+            "the dict of current tokens ({} to start a chain, with "
+            "allow_token_discovery=True), which handle_effects updates in place."
+        )
+    if not isinstance(op, (OpOverload, HigherOrderOperator)):
+        raise TypeError(
+            f"hopkit: {_HANDLE_EFFECTS} expects op to be an OpOverload or a "
+            f"HigherOrderOperator, but got {_describe(op)}; pass the op being "
+            "called (e.g. torch.ops.mylib.log.default)."
+        )
+    if not isinstance(args, (tuple, list)):
+        raise TypeError(
+            f"hopkit: {_HANDLE_EFFECTS} expects args to be a tuple or list of "
+            f"the op's positional arguments, but got {_describe(args)}; pass "
+            "them as a tuple, e.g. (x,)."
+        )
+    if not isinstance(kwargs, dict):
+        raise TypeError(
+            f"hopkit: {_HANDLE_EFFECTS} expects kwargs to be a dict of the op's "
+            f"keyword arguments, but got {_describe(kwargs)}; pass {{}} for none."
+        )
 
 
 def _current_token(
@@ -575,8 +750,10 @@ class subgraph_effects:
         _thread_hop_call(self.mode, self.hop, self.region.effects[0], self.marker)
 
 
-def _last_node(graph: torch.fx.Graph) -> torch.fx.Node:
-    return next(iter(reversed(graph.nodes)))
+def _last_node(graph: torch.fx.Graph) -> torch.fx.Node | None:
+    """The graph's last node; None for an empty graph (a HOP call that takes
+    no operands can be the first node traced)."""
+    return next(iter(reversed(graph.nodes)), None)
 
 
 def _thread_hop_call(mode: Any, hop: HigherOrderOperator, key: Any, marker: Any) -> None:
@@ -747,6 +924,14 @@ def _overload_key(op: OpOverload) -> str:
     return f"{op._schema.name}.{op._overloadname}"
 
 
+def _describe(value: Any) -> str:
+    """``str 'abc'``: a given value's type and (shortened) repr, for errors."""
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"{type(value).__name__} {text}"
+
+
 def _display_name(op: Any) -> str:
     if isinstance(op, OpOverload):
         return _overload_key(op)
@@ -755,7 +940,12 @@ def _display_name(op: Any) -> str:
     return repr(op)
 
 
-def _resolve(op: Any) -> tuple[str, str, list[Any]]:
+# Who resolves an op identifier: the call shown in errors, and what to do.
+_REGISTER = ("register_effectful_op(op, effect)", "registering it")
+_GET_EFFECT = ("get_effect(op)", "asking for its effect")
+
+
+def _resolve(op: Any, caller: tuple[str, str]) -> tuple[str, str, list[Any]]:
     """op identifier -> (registry key, display name, callables it covers)."""
     if isinstance(op, OpOverload):
         key = _overload_key(op)
@@ -763,11 +953,6 @@ def _resolve(op: Any) -> tuple[str, str, list[Any]]:
     if isinstance(op, OpOverloadPacket):
         return op._qualified_op_name, op._qualified_op_name, _overloads_of(op)
     if isinstance(op, HigherOrderOperator):
-        if op is with_effects:
-            raise ValueError(
-                "hopkit: cannot register with_effects itself as effectful; "
-                "register the op it wraps."
-            )
         key = f"{op.namespace}::{op.name()}"
         return key, key, [op]
     custom_op_def = _compat.custom_op_def_type()
@@ -775,16 +960,17 @@ def _resolve(op: Any) -> tuple[str, str, list[Any]]:
         overload = op._opoverload
         return overload._schema.name, overload._schema.name, [overload]
     if isinstance(op, str):
-        return _resolve_name(op)
+        return _resolve_name(op, caller)
     raise TypeError(
-        "hopkit: register_effectful_op expects an OpOverload "
+        f"hopkit: {caller[0]} expects op to be an OpOverload "
         "(torch.ops.mylib.log.default), an OpOverloadPacket, a "
         "torch.library.custom_op object, a HigherOrderOperator or a qualified "
-        f"name string ('mylib::log'), but got {type(op).__name__} {op!r}."
+        f"name string ('mylib::log'), but got {_describe(op)}; pass the op "
+        "itself or its name."
     )
 
 
-def _resolve_name(name: str) -> tuple[str, str, list[Any]]:
+def _resolve_name(name: str, caller: tuple[str, str]) -> tuple[str, str, list[Any]]:
     if "::" not in name:
         raise ValueError(
             f"hopkit: {name!r} is not a qualified op name; write it as "
@@ -797,9 +983,9 @@ def _resolve_name(name: str) -> tuple[str, str, list[Any]]:
         if hop is None:
             raise ValueError(
                 f"hopkit: no HigherOrderOperator named {name!r}; create the HOP "
-                "before registering it, or pass the HOP object."
+                f"before {caller[1]}, or pass the HOP object."
             )
-        return _resolve(hop)
+        return _resolve(hop, caller)
     try:
         packet = getattr(getattr(torch.ops, ns), opname)
     except (AttributeError, RuntimeError):
@@ -812,14 +998,14 @@ def _resolve_name(name: str) -> tuple[str, str, list[Any]]:
         )
     if overload:
         try:
-            return _resolve(getattr(packet, overload))
+            return _resolve(getattr(packet, overload), caller)
         except (AttributeError, RuntimeError):
             raise ValueError(
                 f"hopkit: unknown operator {name!r}: {ns}::{opname} has no "
                 f"overload {overload!r} (it has {sorted(packet.overloads())}); "
                 "use one of those, or 'ns::name' for every overload."
             ) from None
-    return _resolve(packet)
+    return _resolve(packet, caller)
 
 
 def _overloads_of(packet: OpOverloadPacket) -> list[Any]:
@@ -881,7 +1067,7 @@ def _integration() -> _compat.EffectsIntegration:
         hop=with_effects,
         owns=_owns,
         in_region=_in_region,
-        has_effects=has_effects,
+        has_effects=_threads_effects,
         handle_effects=handle_effects,
         get_effect=get_effect,
     )

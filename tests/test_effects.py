@@ -8,6 +8,8 @@ exact sequence of side effects that happened.
 from __future__ import annotations
 
 import io
+import itertools
+import operator
 import re
 import subprocess
 import sys
@@ -25,6 +27,7 @@ from hopkit import _compat
 from hopkit.effects import (
     EffectType,
     get_effect,
+    handle_effects,
     has_aliasing,
     has_effects,
     new_token_tensor,
@@ -149,6 +152,62 @@ def test_destroy_restores_the_previous_registration() -> None:
     assert get_effect(log) is None
 
 
+@pytest.mark.parametrize("order", ["creation_order", "reverse_order"])
+def test_two_registrations_of_one_op_destroyed_in_any_order(order: str) -> None:
+    h1 = register_effectful_op(log, EffectType.ORDERED)
+    h2 = register_effectful_op(log, EffectType.ORDERED)
+    first, second = (h1, h2) if order == "creation_order" else (h2, h1)
+    try:
+        first.destroy()
+        first.destroy()  # a second destroy does nothing
+        assert get_effect(log) is EffectType.ORDERED and has_effects(log)
+        assert _compat.is_side_effectful(log)
+        second.destroy()
+        assert get_effect(log) is None and not has_effects(log)
+        assert not _compat.is_side_effectful(log)
+        assert f"{NS}::log.default" not in get_effect.__globals__["_REGISTRY"]
+    finally:
+        h1.destroy()
+        h2.destroy()
+
+
+# An overload registration, a packet-wide one, and one declaring the overload
+# effect-free: see NOTE [A stack of registrations per op] in hopkit/effects.py.
+_STACKED = [(lambda: log, EffectType.ORDERED), (lambda: f"{NS}::log", EffectType.ORDERED),
+            (lambda: log, None)]
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(range(len(_STACKED)))),
+                         ids=lambda order: "destroy_" + "".join(map(str, order)))
+@pytest.mark.parametrize("was_side_effectful", [False, True],
+                         ids=["plain", "already_side_effectful"])
+def test_handles_destroyed_in_any_order_restore_the_state_before(
+    order: tuple[int, ...], was_side_effectful: bool
+) -> None:
+    registry = get_effect.__globals__["_REGISTRY"]
+    before = dict(registry)
+    _compat.set_side_effectful(log, was_side_effectful)
+    handles = [register_effectful_op(ident(), effect) for ident, effect in _STACKED]
+    try:
+        active = list(range(len(_STACKED)))
+        for i in order:
+            handles[i].destroy()
+            active.remove(i)
+            # As if only the active registrations had been made, in their
+            # order: the newest of the overload's own, else of the packet's.
+            own = [_STACKED[j][1] for j in active if _STACKED[j][0]() is log]
+            packet = [_STACKED[j][1] for j in active if _STACKED[j][0]() is not log]
+            assert get_effect(log) is (own or packet or [None])[-1]
+            assert _compat.is_side_effectful(log) == (
+                was_side_effectful or any(_STACKED[j][1] is not None for j in active))
+        assert dict(registry) == before
+        assert _compat.is_side_effectful(log) == was_side_effectful
+    finally:
+        for h in handles:
+            h.destroy()
+        _compat.set_side_effectful(log, False)
+
+
 @pytest.mark.parametrize(
     "ident",
     [
@@ -185,6 +244,7 @@ def test_register_accepts_custom_op_objects_and_hops() -> None:
         handles = [register_effectful_op(note, EffectType.ORDERED),
                    register_effectful_op(toy, EffectType.ORDERED)]
         assert get_effect(torch.ops.hopkit_test_effects_custom.note.default) is EffectType.ORDERED
+        assert has_effects(note) and not has_aliasing(note)  # the object stands for its overload
         assert get_effect(toy) is EffectType.ORDERED
         assert get_effect("higher_order::hopkit_test_effects_toy") is EffectType.ORDERED
         for h in reversed(handles):
@@ -252,15 +312,44 @@ def test_error_unknown_hop() -> None:
 def test_error_not_an_op() -> None:
     assert_expected_inline(
         _error(lambda: register_effectful_op(print), TypeError),
-        """hopkit: register_effectful_op expects an OpOverload (torch.ops.mylib.log.default), an OpOverloadPacket, a torch.library.custom_op object, a HigherOrderOperator or a qualified name string ('mylib::log'), but got builtin_function_or_method <built-in function print>.""",
+        """hopkit: register_effectful_op(op, effect) expects op to be an OpOverload (torch.ops.mylib.log.default), an OpOverloadPacket, a torch.library.custom_op object, a HigherOrderOperator or a qualified name string ('mylib::log'), but got builtin_function_or_method <built-in function print>; pass the op itself or its name.""",
     )
 
 
 def test_error_bad_effect() -> None:
     assert_expected_inline(
         _error(lambda: register_effectful_op(log, "ORDERED"), TypeError),
-        """hopkit: register_effectful_op(op, effect) expects effect to be an EffectType (e.g. EffectType.ORDERED) or None, but got str 'ORDERED'.""",
+        """hopkit: register_effectful_op(op, effect) expects effect to be an EffectType (e.g. EffectType.ORDERED) or None, but got str 'ORDERED'; pass EffectType.ORDERED, or None to declare the op effect-free.""",
     )
+
+
+def test_error_get_effect_not_an_op() -> None:
+    assert_expected_inline(
+        _error(lambda: get_effect(5), TypeError),
+        """hopkit: get_effect(op) expects op to be an OpOverload (torch.ops.mylib.log.default), an OpOverloadPacket, a torch.library.custom_op object, a HigherOrderOperator or a qualified name string ('mylib::log'), but got int 5; pass the op itself or its name.""",
+    )
+    assert_expected_inline(
+        _error(lambda: get_effect("higher_order::hopkit_no_such_hop")),
+        """hopkit: no HigherOrderOperator named 'higher_order::hopkit_no_such_hop'; create the HOP before asking for its effect, or pass the HOP object.""",
+    )
+    # Only registering with_effects itself is an error; asking is not.
+    assert get_effect("higher_order::hopkit_with_effects") is None
+
+
+def test_error_has_effects_and_has_aliasing_take_one_op() -> None:
+    assert_expected_inline(
+        _error(lambda: has_effects(f"{NS}::log"), TypeError),
+        """hopkit: has_effects(op) expects op to be an OpOverload (torch.ops.mylib.log.default), a torch.library.custom_op object or a HigherOrderOperator (or another callable, which has no effects), but got str 'hopkit_test_effects::log'; pass one overload (torch.ops.mylib.log.default), or ask get_effect(op), which also takes a packet or an 'ns::name' string.""",
+    )
+    assert_expected_inline(
+        _error(lambda: has_effects(5), TypeError),
+        """hopkit: has_effects(op) expects op to be an OpOverload (torch.ops.mylib.log.default), a torch.library.custom_op object or a HigherOrderOperator (or another callable, which has no effects), but got int 5; pass the op itself.""",
+    )
+    assert_expected_inline(
+        _error(lambda: has_aliasing(torch.ops.aten.add_), TypeError),
+        """hopkit: has_aliasing(op) expects op to be an OpOverload (torch.ops.mylib.log.default), a torch.library.custom_op object or a HigherOrderOperator, but got OpOverloadPacket <OpOverloadPacket(op='aten.add_')>; pass one overload (torch.ops.mylib.log.default).""",
+    )
+    assert not has_effects(operator.getitem)  # an FX node target that is no op
 
 
 def test_error_mutating_op() -> None:
@@ -379,6 +468,53 @@ def test_with_effects_bad_op() -> None:
     with pytest.raises(ValueError) as info2:
         with_effects(new_token_tensor(), torch.ops.aten.add_.Tensor, torch.randn(1), 1)
     assert_expected_inline(str(info2.value), """hopkit: with_effects cannot wrap aten::add_.Tensor: its schema `aten::add_.Tensor(Tensor(a!) self, Tensor other, *, Scalar alpha=1) -> Tensor(a!)` mutates or aliases an argument or output (effect tokens order functional ops only); make the op functional (mutates_args=(), fresh outputs).""")
+
+
+@pytest.mark.parametrize("token", ["token", 0, {}, [new_token_tensor()]],
+                         ids=["str", "int", "dict", "list"])
+@pytest.mark.parametrize("tracing", ["eager", "make_fx"])
+def test_with_effects_refuses_a_non_tensor_token(token: Any, tracing: str) -> None:
+    def f(x: torch.Tensor) -> Any:
+        return with_effects(token, log, x, 1)
+
+    with pytest.raises(TypeError) as info:
+        f(torch.randn(2)) if tracing == "eager" else make_fx(f)(torch.randn(2))
+    assert f"but got {type(token).__name__} " in str(info.value)
+    assert LOG == []  # refused before the op ran
+    if token == "token":
+        assert_expected_inline(str(info.value), """hopkit: with_effects(token, op, *args) expects token to be an effect token, a Tensor that carries no data and chains the effectful calls one after another, but got str 'token'; pass the token returned by new_token_tensor() or by the previous with_effects call (its first output).""")
+
+
+def test_with_effects_accepts_an_fx_proxy_token() -> None:
+    # torch.fx.symbolic_trace hands the token over as an fx.Proxy.
+    gm = torch.fx.symbolic_trace(lambda token, x: with_effects(token, torch.ops.aten.sin.default, x))
+    x = torch.randn(2)
+    torch.testing.assert_close(gm(new_token_tensor(), x)[1], x.sin())
+
+
+def test_handle_effects_refuses_bad_arguments(ordered: None) -> None:
+    x = torch.zeros(2)
+    assert_expected_inline(
+        _error(lambda: handle_effects(True, None, log, (x, 1), {}), TypeError),  # type: ignore[arg-type]
+        """hopkit: handle_effects(allow_token_discovery, tokens, op, args, kwargs) expects tokens to be a dict from EffectType to token tensor (as torch's handle_effects; e.g. FunctionalTensorMode's _tokens), but got NoneType None; pass the dict of current tokens ({} to start a chain, with allow_token_discovery=True), which handle_effects updates in place.""",
+    )
+    assert_expected_inline(
+        _error(lambda: handle_effects(True, {}, f"{NS}::log", (x, 1), {}), TypeError),  # type: ignore[arg-type]
+        """hopkit: handle_effects(allow_token_discovery, tokens, op, args, kwargs) expects op to be an OpOverload or a HigherOrderOperator, but got str 'hopkit_test_effects::log'; pass the op being called (e.g. torch.ops.mylib.log.default).""",
+    )
+    assert_expected_inline(
+        _error(lambda: handle_effects(True, {}, log, x, {}), TypeError),  # type: ignore[arg-type]
+        """hopkit: handle_effects(allow_token_discovery, tokens, op, args, kwargs) expects args to be a tuple or list of the op's positional arguments, but got Tensor tensor([0., 0.]); pass them as a tuple, e.g. (x,).""",
+    )
+    assert_expected_inline(
+        _error(lambda: handle_effects(True, {}, log, (x, 1), None), TypeError),  # type: ignore[arg-type]
+        """hopkit: handle_effects(allow_token_discovery, tokens, op, args, kwargs) expects kwargs to be a dict of the op's keyword arguments, but got NoneType None; pass {} for none.""",
+    )
+    assert_expected_inline(
+        _error(lambda: handle_effects(True, {EffectType.ORDERED: "t"}, log, (x, 1), {}), TypeError),  # type: ignore[dict-item]
+        """hopkit: handle_effects(allow_token_discovery, tokens, op, args, kwargs) expects each value of tokens to be a token tensor, but tokens[EffectType.ORDERED] is str 't'; keep the tokens that new_token_tensor() and handle_effects put there.""",
+    )
+    assert LOG == []
 
 
 def test_handle_effects_threads_and_discovers_tokens(ordered: None) -> None:
