@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -22,7 +23,7 @@ from typing import Any
 import pytest
 import torch
 from expecttest import TestCase
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -400,6 +401,35 @@ def test_tensor_method_table_dispatches_exactly_the_op(op: Any) -> None:
     _same_view(out, want if out_index is None else want[out_index])
 
 
+OUTPUT_COUNT_EXAMPLES: dict[Any, tuple[Any, ...]] = {
+    aten.split.default: ([1, 2, 3], 1),
+    aten.split.sizes: ([4, 2], 1),
+    aten.split_with_sizes.default: ([0, 6], 1),
+    aten.tensor_split.sections: (4, 1),
+    aten.tensor_split.indices: ([1, 5], 1),
+    aten.hsplit.int: (3,),
+    aten.vsplit.int: (2,),
+    aten.dsplit.int: (5,),
+    aten.hsplit.array: ([2, 4, 9],),
+    aten.vsplit.array: ([],),
+    aten.dsplit.array: ([1],),
+}
+
+
+@pytest.mark.parametrize("op", list(OUTPUT_COUNT_EXAMPLES), ids=str)
+def test_out_index_checked_at_construction_where_the_args_fix_the_count(op: Any) -> None:
+    from hopkit.functionalization._view_meta import _OUTPUT_COUNTS
+
+    assert set(_OUTPUT_COUNTS) == set(OUTPUT_COUNT_EXAMPLES)
+    args = OUTPUT_COUNT_EXAMPLES[op]
+    base = torch.randn(4, 6, 5)
+    n = len(op(base, *args))
+    for i in range(n):
+        _same_view(ViewMeta(op, args, out_index=i).forward(base), op(base, *args)[i])
+    with pytest.raises(IndexError, match=re.escape(f"must be in range({n}) for {op._schema.name}")):
+        ViewMeta(op, args, out_index=n)
+
+
 def test_expand_reverse_matches_torch_functionalization() -> None:
     # Eager refuses to write through an expanded view; torch's functionalization
     # (the behaviour hopkit mirrors) adds each broadcast copy's change.
@@ -427,6 +457,92 @@ def test_dtype_and_complex_views() -> None:
     v = m.forward(z)
     assert v.is_conj()
     torch.testing.assert_close(m.reverse(z, v.resolve_conj()), z)
+
+
+# One example per inverse rule (and two views without one, inverted through
+# as_strided): (base, args, out_index, a shape other than the view's with as
+# many elements where possible, which no rule may take for the view's).
+_F4x3: Callable[[], torch.Tensor] = lambda: torch.randn(4, 3)
+_Z4x3: Callable[[], torch.Tensor] = lambda: torch.randn(4, 3, dtype=torch.complex64)
+REVERSE_EXAMPLES: dict[Any, tuple[Callable[[], torch.Tensor], tuple[Any, ...], int | None, list[int]]] = {
+    aten.slice.Tensor: (_F4x3, (0, 1, 3), None, [3, 2]),
+    aten.narrow.default: (_F4x3, (0, 1, 2), None, [3, 2]),
+    aten.select.int: (_F4x3, (0, 1), None, [1, 3]),
+    aten.diagonal.default: (_F4x3, (0, 0, 1), None, [1, 3]),
+    aten.as_strided.default: (_F4x3, ([2, 2], [1, 2], 1), None, [4]),
+    aten.transpose.int: (_F4x3, (0, 1), None, [4, 3]),
+    aten.swapaxes.default: (_F4x3, (0, 1), None, [4, 3]),
+    aten.swapdims.default: (_F4x3, (0, 1), None, [4, 3]),
+    aten.t.default: (_F4x3, (), None, [4, 3]),
+    aten.permute.default: (_F4x3, ([1, 0],), None, [4, 3]),
+    aten.movedim.int: (_F4x3, (0, 1), None, [4, 3]),
+    aten.movedim.intlist: (_F4x3, ([0], [1]), None, [4, 3]),
+    aten.moveaxis.int: (_F4x3, (0, 1), None, [4, 3]),
+    aten.moveaxis.intlist: (_F4x3, ([0], [1]), None, [4, 3]),
+    aten.unsqueeze.default: (_F4x3, (0,), None, [4, 3, 1]),
+    aten.squeeze.default: (lambda: torch.randn(4, 1, 3), (), None, [3, 4]),
+    aten.squeeze.dim: (lambda: torch.randn(4, 1, 3), (1,), None, [3, 4]),
+    aten.squeeze.dims: (lambda: torch.randn(4, 1, 3), ([1],), None, [3, 4]),
+    aten.view.default: (_F4x3, ([2, 6],), None, [6, 2]),
+    aten._reshape_alias.default: (_F4x3, ([2, 6], [6, 1]), None, [6, 2]),
+    aten.unflatten.int: (_F4x3, (1, [3, 1]), None, [4, 1, 3]),
+    aten.view.dtype: (_F4x3, (torch.int32,), None, [3, 4]),
+    aten.expand.default: (_F4x3, ([2, 4, 3],), None, [2, 3, 4]),
+    aten.alias.default: (_F4x3, (), None, [3, 4]),
+    aten.detach.default: (_F4x3, (), None, [3, 4]),
+    aten.lift_fresh.default: (_F4x3, (), None, [3, 4]),
+    aten._conj.default: (_Z4x3, (), None, [3, 4]),
+    aten._neg_view.default: (_F4x3, (), None, [3, 4]),
+    aten.view_as_real.default: (_Z4x3, (), None, [3, 4, 2]),
+    aten.view_as_complex.default: (lambda: torch.randn(4, 3, 2), (), None, [3, 4]),
+    aten.split.Tensor: (_F4x3, (2, 0), 1, [3, 2]),
+    aten.split_with_sizes.default: (_F4x3, ([1, 3], 0), 1, [1, 9]),
+    aten.chunk.default: (_F4x3, (2, 0), 0, [3, 2]),
+    aten.unbind.int: (_F4x3, (0,), 1, [1, 3]),
+    aten.unfold.default: (_F4x3, (0, 2, 1), None, [2, 3, 3]),  # as_strided inverse
+    aten.tensor_split.sections: (_F4x3, (2, 1), 0, [2, 4]),  # as_strided inverse
+}
+
+
+def test_reverse_examples_cover_every_inverse_rule() -> None:
+    from hopkit.functionalization._view_meta import _REVERSE_RULES
+
+    assert set(_REVERSE_RULES) <= set(REVERSE_EXAMPLES)
+
+
+@pytest.mark.parametrize("op", list(REVERSE_EXAMPLES), ids=str)
+def test_reverse_takes_exactly_the_views_shape_and_dtype(op: Any) -> None:
+    # reverse(base, v) is eager forward(base).copy_(v) for a v of the view's
+    # shape and dtype, and refuses a v of any other shape, as eager copy_
+    # does here, before computing anything (it used to transpose, reshape or
+    # squeeze such a v into a wrongly shaped base, or fail inside torch).
+    make_base, args, out_index, wrong = REVERSE_EXAMPLES[op]
+    base = make_base()
+    meta = ViewMeta(op, args, out_index=out_index)
+    view = meta.forward(base)
+    assert list(view.shape) != wrong
+    bad = torch.ones(wrong, dtype=view.dtype)
+    with pytest.raises(RuntimeError):
+        meta.forward(base.clone()).copy_(bad)
+    message = f"but mutated_view has shape {wrong} and dtype {view.dtype};"
+    with _OpLog() as forward_ops:
+        meta.forward(base)
+    with _OpLog() as log, pytest.raises(ValueError) as info:
+        meta.reverse(base, bad)
+    assert log.ops == forward_ops.ops  # only the view, for its shape
+    assert str(info.value).startswith(f"hopkit: {meta!r}.reverse needs mutated_view")
+    assert message in str(info.value)
+    value = torch.ones(view.shape, dtype=view.dtype) * 3
+    if op is not aten.expand.default:  # eager cannot write through expand
+        want = _eager_write_through(base, meta.forward, value)
+        torch.testing.assert_close(meta.reverse(base, value), want, rtol=0, atol=0)
+    else:
+        meta.reverse(base, value)
+    # Once a plain eager call has seen this layout, the view's size is known
+    # (NOTE [View sizes for reverse's check]): no op runs.
+    with _OpLog() as log, pytest.raises(ValueError, match=re.escape(message)):
+        meta.reverse(base, bad)
+    assert log.ops == ([] if meta._view_sizes is not None else forward_ops.ops)
 
 
 def test_chain_of_views_matches_eager_and_torch() -> None:
@@ -665,6 +781,60 @@ def test_property_as_strided(case: Any) -> None:
     ))
 
 
+@st.composite
+def wrong_view_value(
+    draw: st.DrawFn,
+) -> tuple[torch.Tensor, ViewMeta, list[int], torch.dtype, list[int], torch.dtype]:
+    """A base, one random view of it, and a (shape, dtype) other than the view's."""
+    shape = tuple(draw(shapes))
+    base = torch.randn(shape)
+    meta, _ = draw(view_step(shape))
+    size = list(meta.forward(base).shape)
+    dims = list(range(len(size)))
+    how = draw(
+        st.sampled_from(["permuted", "grown", "shrunk", "one", "lead", "drop", "flat", "dtype"])
+    )
+    wrong, dtype = list(size), torch.float32
+    if how == "permuted":
+        wrong = list(draw(st.permutations(size)))
+    elif how == "grown" and dims:
+        i = draw(st.sampled_from(dims))
+        wrong[i] += draw(st.integers(1, 2))
+    elif how == "shrunk" and any(size):
+        i = draw(st.sampled_from([d for d in dims if size[d] > 0]))
+        wrong[i] -= 1
+    elif how == "one" and any(s > 1 for s in size):  # broadcastable: copy_ takes it
+        wrong[draw(st.sampled_from([d for d in dims if size[d] > 1]))] = 1
+    elif how == "lead":
+        wrong = [1, *size]
+    elif how == "drop" and dims:  # broadcastable: copy_ takes it
+        wrong = size[1:]
+    elif how == "flat":
+        wrong = [math.prod(size)]
+    else:
+        dtype = torch.float64
+    assume((wrong, dtype) != (size, torch.float32))
+    return base, meta, size, torch.float32, wrong, dtype
+
+
+@HYPOTHESIS
+@given(wrong_view_value())
+def test_property_reverse_refuses_other_shapes_and_dtypes(case: Any) -> None:
+    # reverse takes exactly forward(base)'s shape and dtype (values of those
+    # round-trip in test_property_chains_round_trip); every other value,
+    # broadcastable or castable ones too, is refused before computing.
+    base, meta, size, dtype, wrong, wrong_dtype = case
+    before = base.clone()
+    with pytest.raises(ValueError) as info:
+        meta.reverse(base, torch.zeros(wrong, dtype=wrong_dtype))
+    assert str(info.value).startswith(
+        f"hopkit: {meta!r}.reverse needs mutated_view with the shape and dtype of the view "
+        f"forward(base) returns, {size} and {dtype}, but mutated_view has shape {wrong} "
+        f"and dtype {wrong_dtype};"
+    )
+    torch.testing.assert_close(base, before, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------
 # Pickling and the as_strided fallback
 # ---------------------------------------------------------------------------
@@ -809,6 +979,30 @@ def forward(self, x_1, v_1):
         with torch.inference_mode():
             xi = x.clone()
             torch.testing.assert_close(f(xi), want)
+
+
+class TestReverseUnderTracing(TestCase):
+    def test_symbolic_trace_and_fake(self) -> None:
+        # Under tracing the check's view comes from forward: a dead node.
+        meta = ViewMeta(aten.transpose.int, (0, 1))
+        gm = make_fx(lambda x, v: meta.reverse(x, v), tracing_mode="symbolic")(
+            torch.randn(3, 4), torch.randn(4, 3)
+        )
+        self.assertExpectedInline(
+            gm.code.strip(),
+            """\
+def forward(self, x_1, v_1):
+    transpose = torch.ops.aten.transpose.int(x_1, 0, 1);  x_1 = transpose = None
+    transpose_1 = torch.ops.aten.transpose.int(v_1, 0, 1);  v_1 = None
+    return transpose_1""",
+        )
+        x, v = torch.randn(2, 5), torch.randn(5, 2)
+        torch.testing.assert_close(gm(x, v), v.t())
+        with FakeTensorMode() as mode:
+            fx = mode.from_tensor(x)
+            assert meta.reverse(fx, mode.from_tensor(v)).shape == (2, 5)
+            with pytest.raises(ValueError, match=re.escape("but mutated_view has shape [2, 5]")):
+                meta.reverse(fx, fx)
 
 
 class TestRecordUnderTransforms(TestCase):
@@ -1005,12 +1199,147 @@ class TestErrors(TestCase):
         self.assertExpectedRaisesInline(
             ValueError,
             lambda: scatter_into_base(x, METAS_X0, torch.randn(3)),
-            """hopkit: scatter_into_base: new_view_value has shape [3] and dtype torch.float32, but the view selected by the ViewMetas has shape [2] and dtype torch.float32; pass a value of the view's shape and dtype (e.g. expand_as/to first).""",
+            """hopkit: scatter_into_base needs new_view_value with the shape and dtype of the view apply_view_meta_sequence(base, metas) returns, [2] and torch.float32, but new_view_value has shape [3] and dtype torch.float32; pass a value of exactly that shape and dtype (unlike copy_, it is neither broadcast nor cast: expand it and .to() it first).""",
+        )
+        self.assertExpectedRaisesInline(
+            TypeError,
+            lambda: scatter_into_base([1.0], METAS_X0, torch.randn(2)),  # type: ignore[arg-type]
+            """hopkit: scatter_into_base needs base to be a Tensor, but got list; pass the tensor the view is taken of.""",
         )
         self.assertExpectedRaisesInline(
             TypeError,
             lambda: scatter_into_base(x, METAS_X0, 1.0),  # type: ignore[arg-type]
             """hopkit: scatter_into_base needs new_view_value to be a Tensor with the view's shape, but got float; wrap scalars with torch.full_like(view, value).""",
+        )
+
+    def test_reverse_value(self) -> None:
+        # The issue's two cases: reverse used to build a [4, 3] base for a
+        # [3, 4] one, and to reshape a (6, 2) value into a (2, 6) view.
+        t = ViewMeta(aten.transpose.int, (0, 1))
+        self.assertExpectedRaisesInline(
+            ValueError,
+            lambda: t.reverse(torch.randn(3, 4), torch.randn(3, 4)),
+            """hopkit: ViewMeta(aten.transpose.int, args=(0, 1)).reverse needs mutated_view with the shape and dtype of the view forward(base) returns, [4, 3] and torch.float32, but mutated_view has shape [3, 4] and dtype torch.float32; pass a value of exactly that shape and dtype (unlike copy_, it is neither broadcast nor cast: expand it and .to() it first).""",
+        )
+        v = ViewMeta(aten.view.default, ((2, 6),))
+        self.assertExpectedRaisesInline(
+            ValueError,
+            lambda: v.reverse(torch.randn(3, 4), torch.randn(6, 2)),
+            """hopkit: ViewMeta(aten.view.default, args=((2, 6),)).reverse needs mutated_view with the shape and dtype of the view forward(base) returns, [2, 6] and torch.float32, but mutated_view has shape [6, 2] and dtype torch.float32; pass a value of exactly that shape and dtype (unlike copy_, it is neither broadcast nor cast: expand it and .to() it first).""",
+        )
+        # Eager copy_ broadcasts and casts these; reverse takes the view's new
+        # value as is (as torch's ViewMeta inverses do), so it refuses them.
+        s = ViewMeta(aten.slice.Tensor, (1, 1, 3))
+        x = torch.randn(3, 4)
+        s.forward(x).copy_(torch.randn(2))
+        s.forward(x).copy_(torch.zeros(3, 2, dtype=torch.float64))
+        self.assertExpectedRaisesInline(
+            ValueError,
+            lambda: s.reverse(x, torch.randn(2)),
+            """hopkit: ViewMeta(aten.slice.Tensor, args=(1, 1, 3, 1)).reverse needs mutated_view with the shape and dtype of the view forward(base) returns, [3, 2] and torch.float32, but mutated_view has shape [2] and dtype torch.float32; pass a value of exactly that shape and dtype (unlike copy_, it is neither broadcast nor cast: expand it and .to() it first).""",
+        )
+        self.assertExpectedRaisesInline(
+            ValueError,
+            lambda: s.reverse(x, torch.zeros(3, 2, dtype=torch.float64)),
+            """hopkit: ViewMeta(aten.slice.Tensor, args=(1, 1, 3, 1)).reverse needs mutated_view with the shape and dtype of the view forward(base) returns, [3, 2] and torch.float32, but mutated_view has shape [3, 2] and dtype torch.float64; pass a value of exactly that shape and dtype (unlike copy_, it is neither broadcast nor cast: expand it and .to() it first).""",
+        )
+        self.assertExpectedRaisesInline(
+            TypeError,
+            lambda: s.reverse(x, 1.0),  # type: ignore[arg-type]
+            """hopkit: ViewMeta(aten.slice.Tensor, args=(1, 1, 3, 1)).reverse needs mutated_view to be a Tensor with the view's shape, but got float; wrap scalars with torch.full_like(view, value).""",
+        )
+        self.assertExpectedRaisesInline(
+            TypeError,
+            lambda: s.reverse(None, torch.randn(3, 2)),  # type: ignore[arg-type]
+            """hopkit: ViewMeta(aten.slice.Tensor, args=(1, 1, 3, 1)).reverse needs base to be a Tensor, but got NoneType; pass the tensor the view is taken of.""",
+        )
+        # expand: a value shaped like the base is broadcastable to the view,
+        # but it is not the view's new value (it used to be returned as is).
+        e = ViewMeta(aten.expand.default, ([2, 3, 4],))
+        self.assertExpectedRaisesInline(
+            ValueError,
+            lambda: e.reverse(x, x + 1),
+            """hopkit: ViewMeta(aten.expand.default, args=((2, 3, 4),), kwargs={'implicit': False}).reverse needs mutated_view with the shape and dtype of the view forward(base) returns, [2, 3, 4] and torch.float32, but mutated_view has shape [3, 4] and dtype torch.float32; pass a value of exactly that shape and dtype (unlike copy_, it is neither broadcast nor cast: expand it and .to() it first).""",
+        )
+
+    def test_out_index_out_of_range(self) -> None:
+        # Fixed by the arguments: refused at construction.
+        self.assertExpectedRaisesInline(
+            IndexError,
+            lambda: ViewMeta(aten.split_with_sizes.default, ([1, 3], 0), out_index=2),
+            """hopkit: out_index must be in range(2) for aten::split_with_sizes.default with args ((1, 3), 0), which returns 2 views, but out_index=2 was given; pass out_index between 0 and 1.""",
+        )
+        self.assertExpectedRaisesInline(
+            IndexError,
+            lambda: ViewMeta(aten.tensor_split.indices, ([2],), out_index=3),
+            """hopkit: out_index must be in range(2) for aten::tensor_split.indices with args ((2,), 0), which returns 2 views, but out_index=3 was given; pass out_index between 0 and 1.""",
+        )
+        self.assertExpectedRaisesInline(
+            IndexError,
+            lambda: ViewMeta(aten.split_with_sizes.default, ([], 0), out_index=0),
+            """hopkit: out_index must be in range(0) for aten::split_with_sizes.default with args ((), 0), which returns 0 views, but out_index=0 was given; no out_index is valid for these arguments.""",
+        )
+        # Fixed by the base: refused where it is replayed, the same on every path.
+        x = torch.randn(3, 4)
+        meta = ViewMeta(aten.unbind.int, (0,), out_index=3)
+        expected = """hopkit: out_index must be in range(3) for aten::unbind.int with args (0,) on a base of shape [3, 4], which returns 3 views, but out_index=3 was given; replay it on a base where that output exists, or pass out_index between 0 and 2."""
+        self.assertExpectedRaisesInline(IndexError, lambda: meta.forward(x), expected)
+        for call in (
+            lambda: apply_view_meta_sequence(x, [meta]),  # geometry cache
+            lambda: apply_view_meta_sequence(x.requires_grad_(), [meta]),  # op by op
+            lambda: meta.reverse(x, torch.randn(4)),
+            lambda: scatter_into_base(x, [meta], torch.randn(4)),
+        ):
+            with pytest.raises(IndexError) as info:
+                call()
+            assert str(info.value) == expected
+        assert meta.forward(torch.randn(5, 2)).shape == (2,)  # exists on a longer base
+        self.assertExpectedRaisesInline(
+            IndexError,
+            lambda: ViewMeta(aten.split.Tensor, (2, 1), out_index=2).forward(x),
+            """hopkit: out_index must be in range(2) for aten::split.Tensor with args (2, 1) on a base of shape [3, 4], which returns 2 views, but out_index=2 was given; replay it on a base where that output exists, or pass out_index between 0 and 1.""",
+        )
+        self.assertExpectedRaisesInline(
+            IndexError,
+            lambda: ViewMeta(aten.unbind.int, (1,), out_index=0).forward(torch.randn(3, 0)),
+            """hopkit: out_index must be in range(0) for aten::unbind.int with args (1,) on a base of shape [3, 0], which returns 0 views, but out_index=0 was given; replay it on a base where that output exists.""",
+        )
+
+    def test_metas_must_be_view_metas(self) -> None:
+        x = torch.randn(3, 4)
+        t = ViewMeta(aten.t.default)
+        expected = """hopkit: apply_view_meta_sequence needs metas to be hopkit ViewMetas, but metas[2] is a str; build each with ViewMeta(op, args) or record them with record_view_metas."""
+        self.assertExpectedRaisesInline(
+            TypeError, lambda: apply_view_meta_sequence(x, [t, t, "t"]), expected  # type: ignore[list-item]
+        )
+        # The same on the op-by-op path, where it is refused before any op runs.
+        with _OpLog() as log, pytest.raises(TypeError) as info:
+            apply_view_meta_sequence(x, (t, t, "t"))  # type: ignore[arg-type]
+        assert str(info.value) == expected and log.ops == []
+        self.assertExpectedRaisesInline(
+            TypeError,
+            lambda: scatter_into_base(x, [t, None], x),  # type: ignore[list-item]
+            """hopkit: scatter_into_base needs metas to be hopkit ViewMetas, but metas[1] is a NoneType; build each with ViewMeta(op, args) or record them with record_view_metas.""",
+        )
+        self.assertExpectedRaisesInline(
+            TypeError,
+            lambda: apply_view_meta_sequence(x, [t.to_torch()]),
+            """hopkit: apply_view_meta_sequence needs metas to be hopkit ViewMetas, but metas[0] is torch's torch._C._functionalization.t_ViewMeta; convert torch's ViewMetas with ViewMeta.from_torch(m).""",
+        )
+        self.assertExpectedRaisesInline(
+            TypeError,
+            lambda: apply_view_meta_sequence(x, t),  # type: ignore[arg-type]
+            """hopkit: apply_view_meta_sequence needs metas to be a sequence (list or tuple) of ViewMetas, but got a ViewMeta; wrap a single ViewMeta in a list: [meta].""",
+        )
+        self.assertExpectedRaisesInline(
+            TypeError,
+            lambda: scatter_into_base(x, (m for m in [t]), x.t()),  # type: ignore[arg-type]
+            """hopkit: scatter_into_base needs metas to be a sequence (list or tuple) of ViewMetas, but got a generator; pass a list, e.g. list(metas).""",
+        )
+        self.assertExpectedRaisesInline(
+            TypeError,
+            lambda: apply_view_meta_sequence([[1.0]], [t]),  # type: ignore[arg-type]
+            """hopkit: apply_view_meta_sequence needs base to be a Tensor, but got list; pass the tensor the view is taken of.""",
         )
 
     def test_record_view_metas(self) -> None:

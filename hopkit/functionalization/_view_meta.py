@@ -31,6 +31,17 @@ NOTE [Mutation through a view of an operand]
     base) or :meth:`ViewMeta.from_view` (one as_strided, replayable on bases
     with the recorded layout).
 
+NOTE [View sizes for reverse's check]
+    ``reverse(base, mutated_view)`` refuses a ``mutated_view`` that is not
+    shaped like ``forward(base)`` before computing anything, so it needs the
+    view's shape. For the ops of _GEOMETRY_ONLY_OPS that shape is a function
+    of the base's sizes and strides (and the arguments), so each ViewMeta
+    remembers it per (sizes, strides) of plain tensors, learned from the one
+    ``forward`` the first call runs; later calls compare sizes and run no op
+    (nor trace one). Other views, and bases with symbolic sizes, run
+    ``forward`` for it. ``scatter_into_base`` computes the chain's views
+    anyway and checks its one value against the last.
+
 NOTE [Geometry cache for eager replay]
     Replaying five views op by op costs five trips through the dispatcher.
     For a plain dense tensor outside any mode, a view is pure metadata: its
@@ -133,9 +144,15 @@ class ViewMeta:
     sharing ``base``'s storage. ``reverse(base, mutated_view)`` returns a new
     tensor shaped like ``base`` that holds ``mutated_view`` where the view
     was, through the view's inverse (``slice_scatter``, ``select_scatter``,
-    transpose back, ...); ``base`` is never written. For bijective views
-    (transpose, permute, view, unsqueeze, ...) the result may alias
-    ``mutated_view`` (torch's ``InverseReturnMode.AlwaysView``).
+    transpose back, ...); ``base`` is never written. ``mutated_view`` must
+    have exactly the shape and dtype of ``forward(base)`` (unlike ``copy_``,
+    reverse neither broadcasts nor casts). For bijective views (transpose,
+    permute, view, unsqueeze, ...) the result may alias ``mutated_view``
+    (torch's ``InverseReturnMode.AlwaysView``).
+
+    ``out_index`` is checked against the number of outputs when the
+    arguments fix it (``split_with_sizes``, ``tensor_split``, ...), else
+    when ``forward`` runs on a base (``split``, ``chunk``, ``unbind``).
 
     ViewMetas compare by value, hash (when their args are hashable) and
     pickle (the op by qualified name and overload).
@@ -153,6 +170,7 @@ class ViewMeta:
         "_multi",
         "_reverse",
         "_geometry_cache",
+        "_view_sizes",
     )
 
     op: OpOverload | None
@@ -175,6 +193,8 @@ class ViewMeta:
         multi = _is_multi_output(schema)
         _check_out_index(op, multi, out_index)
         pos, kw, call_kw = _bind(op, schema, args, kwargs or {})
+        if out_index is not None:  # a multi-output view (checked above)
+            _check_out_index_in_range(op, schema, pos, out_index)
         self.op = op
         self.op_name = _qualified_name(op)
         self.args = pos
@@ -191,6 +211,9 @@ class ViewMeta:
         self._reverse = _REVERSE_RULES.get(op, _reverse_via_as_strided)
         self._geometry_cache: dict[Any, Any] | None = (
             {} if op in _GEOMETRY_ONLY_OPS and not _has_tensor(pos, kw) else None
+        )
+        self._view_sizes: dict[Any, torch.Size] | None = (
+            None if self._geometry_cache is None else {}
         )
 
     # -- construction from recorded views ----------------------------------
@@ -257,13 +280,59 @@ class ViewMeta:
             return self._forward_from_geometry(base, None)
         out = self._call(base, *self.args, **self._call_kwargs)
         if self._multi:
-            return out[self.out_index]
+            try:
+                return out[self.out_index]
+            except IndexError:
+                raise _out_index_error(self, len(out), base) from None
         return out
 
     def reverse(self, base: torch.Tensor, mutated_view: torch.Tensor) -> torch.Tensor:
-        """A new tensor like ``base`` with ``mutated_view`` written where the view is."""
-        if self.op is None:
-            return _reverse_via_as_strided(self, base, mutated_view)
+        """A new tensor like ``base`` with ``mutated_view`` written where the view is.
+
+        ``mutated_view`` is the view's new value: it must have the shape and
+        dtype of ``forward(base)``. Unlike ``forward(base).copy_(value)``,
+        reverse neither broadcasts nor casts, so expand and ``.to()`` a
+        value first; any other value is refused before anything is computed.
+        """
+        if not isinstance(base, torch.Tensor):
+            raise _not_a_tensor(f"{self!r}.reverse", "base", base)
+        if not isinstance(mutated_view, torch.Tensor):
+            raise _not_a_tensor(f"{self!r}.reverse", "mutated_view", mutated_view)
+        # The view's shape and dtype: NOTE [View sizes for reverse's check].
+        view: torch.Tensor | None = None
+        size: Any = None
+        sizes = self._view_sizes
+        if sizes is not None and type(base) is _Tensor:
+            try:
+                size = sizes.get((base.shape, base.stride()))
+            except (TypeError, RuntimeError):  # SymInt sizes (unhashable), no strides
+                pass
+        if size is not None:
+            dtype = base.dtype  # _GEOMETRY_ONLY_OPS keep the dtype
+        else:
+            view = self._forward_or_fallback(base)
+            size, dtype = view.shape, view.dtype
+            if sizes is not None and _geometry_replay_ok(base):
+                if len(sizes) >= _GEOMETRY_CACHE_LIMIT:
+                    sizes.clear()
+                sizes[(base.shape, base.stride())] = size
+        if mutated_view.shape != size or mutated_view.dtype != dtype:
+            raise _view_value_error(
+                f"{self!r}.reverse",
+                "mutated_view",
+                mutated_view,
+                size,
+                dtype,
+                "the view forward(base) returns",
+            )
+        return self._reverse_checked(base, mutated_view, view)
+
+    def _reverse_checked(
+        self, base: torch.Tensor, mutated_view: torch.Tensor, view: torch.Tensor | None
+    ) -> torch.Tensor:
+        """reverse, once ``mutated_view`` is known to match the view (``view``, if computed)."""
+        if view is not None and self._reverse is _reverse_via_as_strided:
+            return _reverse_through_view(self, base, mutated_view, view)
         return self._reverse(self, base, mutated_view)
 
     def _forward_or_fallback(self, base: torch.Tensor) -> torch.Tensor:
@@ -354,6 +423,7 @@ class ViewMeta:
         for slot in ViewMeta.__slots__:
             setattr(out, slot, getattr(self, slot))
         out._geometry_cache = None if self._geometry_cache is None else {}
+        out._view_sizes = None if self._view_sizes is None else {}
         return out
 
 
@@ -371,10 +441,23 @@ def apply_view_meta_sequence(base: torch.Tensor, metas: Sequence[ViewMeta]) -> t
     cannot be replayed. On plain eager tensors the chain is replayed as one
     ``as_strided`` (NOTE [Geometry cache for eager replay]).
     """
+    if type(metas) is not list and type(metas) is not tuple:
+        _check_metas(metas, "apply_view_meta_sequence")
     if metas and _geometry_replay_ok(base):
-        out = _replay_geometry(base, metas)
+        # The elements are checked only if one lacks a ViewMeta's attributes:
+        # this path is the benchmarked one, it runs outside every mode and
+        # autograd, and it computes nothing but geometry, so an element found
+        # wrong midway leaves nothing behind.
+        try:
+            out = _replay_geometry(base, metas)
+        except AttributeError:
+            _check_metas(metas, "apply_view_meta_sequence")
+            raise
         if out is not None:
             return out
+    _check_metas(metas, "apply_view_meta_sequence")  # before anything is traced
+    if not isinstance(base, torch.Tensor):
+        raise _not_a_tensor("apply_view_meta_sequence", "base", base)
     for meta in metas:
         base = meta._forward_or_fallback(base)
     return base
@@ -389,28 +472,32 @@ def scatter_into_base(
     ``new_view_value`` when every view in the chain is bijective). This is
     the functional form of ``apply_view_meta_sequence(base, metas).copy_(v)``;
     see NOTE [Mutation through a view of an operand] for how BaseHOP uses it.
-    ``new_view_value`` must have the view's shape and dtype.
+    ``new_view_value`` must have exactly the view's shape and dtype (unlike
+    ``copy_``, nothing is broadcast or cast).
     """
+    _check_metas(metas, "scatter_into_base")
+    if not isinstance(base, torch.Tensor):
+        raise _not_a_tensor("scatter_into_base", "base", base)
     if not isinstance(new_view_value, torch.Tensor):
-        raise TypeError(
-            "hopkit: scatter_into_base needs new_view_value to be a Tensor with the "
-            f"view's shape, but got {type(new_view_value).__name__}; wrap scalars "
-            "with torch.full_like(view, value)."
-        )
-    bases = [base]
+        raise _not_a_tensor("scatter_into_base", "new_view_value", new_view_value)
+    chain = [base]  # chain[i + 1] = metas[i].forward(chain[i])
     for meta in metas:
-        bases.append(meta._forward_or_fallback(bases[-1]))
-    view = bases.pop()
+        chain.append(meta._forward_or_fallback(chain[-1]))
+    view = chain[-1]
     if new_view_value.shape != view.shape or new_view_value.dtype != view.dtype:
-        raise ValueError(
-            "hopkit: scatter_into_base: new_view_value has shape "
-            f"{list(new_view_value.shape)} and dtype {new_view_value.dtype}, but the view "
-            f"selected by the ViewMetas has shape {list(view.shape)} and dtype {view.dtype}; "
-            "pass a value of the view's shape and dtype (e.g. expand_as/to first)."
+        raise _view_value_error(
+            "scatter_into_base",
+            "new_view_value",
+            new_view_value,
+            view.shape,
+            view.dtype,
+            "the view apply_view_meta_sequence(base, metas) returns",
         )
+    # Checked once here: each inverse rule returns a value shaped like its
+    # base, which is the view the next one up the chain inverts.
     value = new_view_value
-    for meta, meta_base in zip(reversed(metas), reversed(bases)):
-        value = meta.reverse(meta_base, value)
+    for i in range(len(metas) - 1, -1, -1):
+        value = metas[i]._reverse_checked(chain[i], value, chain[i + 1])
     return value
 
 
@@ -559,7 +646,13 @@ def _reverse_unbind(m: ViewMeta, base: torch.Tensor, mv: torch.Tensor) -> torch.
 
 def _reverse_via_as_strided(m: ViewMeta, base: torch.Tensor, mv: torch.Tensor) -> torch.Tensor:
     """as_strided and any view without a rule: scatter through the view's geometry."""
-    view = m.forward(base)
+    return _reverse_through_view(m, base, mv, m._forward_or_fallback(base))
+
+
+def _reverse_through_view(
+    m: ViewMeta, base: torch.Tensor, mv: torch.Tensor, view: torch.Tensor
+) -> torch.Tensor:
+    """_reverse_via_as_strided, given ``view = m.forward(base)``."""
     if view.dtype != base.dtype or view.is_conj() != base.is_conj() or view.is_neg() != base.is_neg():
         raise ValueError(
             f"hopkit: cannot invert {m!r}: it changes dtype or conj/neg bits "
@@ -860,6 +953,133 @@ def _check_out_index(op: OpOverload, multi: bool, out_index: object) -> None:
         )
 
 
+# Multi-output views whose number of outputs follows from their arguments
+# (``args`` after self); for the others (split.Tensor, chunk, unbind,
+# tensor_split by a tensor) it depends on the base, so out_index is checked
+# when forward runs.
+_OUTPUT_COUNTS: dict[OpOverload, Callable[[tuple[Any, ...]], Any]] = {
+    aten.split.default: lambda args: len(args[0]),
+    aten.split.sizes: lambda args: len(args[0]),
+    aten.split_with_sizes.default: lambda args: len(args[0]),
+    aten.tensor_split.sections: lambda args: args[0],
+    aten.tensor_split.indices: lambda args: len(args[0]) + 1,
+    aten.hsplit.int: lambda args: args[0],
+    aten.vsplit.int: lambda args: args[0],
+    aten.dsplit.int: lambda args: args[0],
+    aten.hsplit.array: lambda args: len(args[0]) + 1,
+    aten.vsplit.array: lambda args: len(args[0]) + 1,
+    aten.dsplit.array: lambda args: len(args[0]) + 1,
+}
+
+
+def _check_out_index_in_range(
+    op: OpOverload, schema: torch._C.FunctionSchema, args: tuple[Any, ...], out_index: int
+) -> None:
+    if len(schema.returns) > 1:
+        count: Any = len(schema.returns)
+    else:
+        rule = _OUTPUT_COUNTS.get(op)
+        count = rule(args) if rule is not None else None
+    if type(count) is int and out_index >= count:  # not a SymInt: no guard
+        raise IndexError(
+            _out_index_message(
+                _qualified_name(op),
+                args,
+                out_index,
+                count,
+                "",
+                "pass out_index",
+                "no out_index is valid for these arguments",
+            )
+        )
+
+
+def _out_index_error(meta: ViewMeta, count: int, base: torch.Tensor) -> IndexError:
+    return IndexError(
+        _out_index_message(
+            meta.op_name,
+            meta.args,
+            meta.out_index,
+            count,
+            f" on a base of shape {list(base.shape)}",
+            "replay it on a base where that output exists, or pass out_index",
+            "replay it on a base where that output exists",
+        )
+    )
+
+
+def _out_index_message(
+    name: str,
+    args: tuple[Any, ...],
+    out_index: object,
+    count: int,
+    on: str,
+    fix: str,
+    fix_if_none: str,
+) -> str:
+    fix = f"{fix} between 0 and {count - 1}" if count > 0 else fix_if_none
+    views = "view" if count == 1 else "views"
+    return (
+        f"hopkit: out_index must be in range({count}) for {name} with args {args!r}"
+        f"{on}, which returns {count} {views}, but out_index={out_index!r} was given; "
+        f"{fix}."
+    )
+
+
+def _view_value_error(
+    where: str, name: str, value: torch.Tensor, size: Sequence[Any], dtype: torch.dtype, of: str
+) -> ValueError:
+    return ValueError(
+        f"hopkit: {where} needs {name} with the shape and dtype of {of}, "
+        f"{list(size)} and {dtype}, but {name} has shape {list(value.shape)} and dtype "
+        f"{value.dtype}; pass a value of exactly that shape and dtype (unlike copy_, "
+        "it is neither broadcast nor cast: expand it and .to() it first)."
+    )
+
+
+def _not_a_tensor(where: str, name: str, value: object) -> TypeError:
+    if name == "base":
+        what, fix = "a Tensor", "pass the tensor the view is taken of"
+    else:
+        what, fix = "a Tensor with the view's shape", "wrap scalars with torch.full_like(view, value)"
+    return TypeError(
+        f"hopkit: {where} needs {name} to be {what}, but got {type(value).__name__}; {fix}."
+    )
+
+
+def _check_metas(metas: object, where: str) -> None:
+    """Refuse anything but a sequence of ViewMetas, naming the offending element."""
+    if isinstance(metas, (str, bytes)) or not isinstance(metas, Sequence):
+        got = type(metas).__name__
+        fix = (
+            "wrap a single ViewMeta in a list: [meta]"
+            if isinstance(metas, ViewMeta)
+            else "pass a list, e.g. list(metas)"
+        )
+        raise TypeError(
+            f"hopkit: {where} needs metas to be a sequence (list or tuple) of ViewMetas, "
+            f"but got {_a(got)}; {fix}."
+        )
+    for i, meta in enumerate(metas):
+        if isinstance(meta, ViewMeta):
+            continue
+        cls = type(meta)
+        if cls.__module__ == "torch._C._functionalization":
+            got = f"torch's {cls.__module__}.{cls.__name__}"
+            fix = "convert torch's ViewMetas with ViewMeta.from_torch(m)"
+        else:
+            got = _a(cls.__name__)
+            fix = "build each with ViewMeta(op, args) or record them with record_view_metas"
+        raise TypeError(
+            f"hopkit: {where} needs metas to be hopkit ViewMetas, but metas[{i}] is {got}; "
+            f"{fix}."
+        )
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
 def _bind(
     op: OpOverload,
     schema: torch._C.FunctionSchema,
@@ -999,4 +1219,5 @@ def _unpickle_view_meta(
     meta._multi = out_index is not None
     meta._reverse = _reverse_via_as_strided
     meta._geometry_cache = None
+    meta._view_sizes = None
     return meta
