@@ -4,6 +4,9 @@
 
 In plain Python, hopcheck does::
 
+    check hop, modes and config                # TypeError / ValueError, at once
+    hop(subgraph, *operands, **config)         # BaseHOP: a call it refuses (its
+                                               # own "hopkit: ..." error) is raised
     reference = subgraph(*operands)            # and its grads, by eager autograd
     for mode in modes:                         # eager, fake, make_fx_*, ...
         try:
@@ -54,6 +57,18 @@ below, and the table ``_MODE_RUNNERS`` at the bottom maps names to them::
                        eager does (tuples stay tuples), and so does the loaded
                        program after run_decompositions()
 
+``modes`` also takes these aliases (``_MODE_ALIASES``), each standing for
+the modes after it::
+
+    make_fx            make_fx_real, make_fx_fake, make_fx_symbolic
+    compile            compile_eager, compile_aot_eager, compile_inductor
+    aot_eager          compile_aot_eager
+    inductor           compile_inductor
+    export             export_strict, export_non_strict
+
+("eager" is hopcheck's own eager mode, not ``torch.compile(backend="eager")``,
+which is "compile_eager".)
+
 The export modes load the saved program in this process; loading it elsewhere
 needs the HOP created there first (import the module that defines it), as
 ``torch.export.load`` resolves it as ``torch.ops.higher_order.<name>``.
@@ -69,10 +84,12 @@ it does not import Dynamo or Inductor (each mode imports what it needs).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import io
 import re
+import reprlib
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -102,6 +119,16 @@ MODES: tuple[str, ...] = (
     "export_strict",
     "export_non_strict",
 )
+
+# Names ``modes`` also accepts, each standing for the modes it lists (the
+# module docstring lists them for users).
+_MODE_ALIASES: dict[str, tuple[str, ...]] = {
+    "make_fx": ("make_fx_real", "make_fx_fake", "make_fx_symbolic"),
+    "compile": ("compile_eager", "compile_aot_eager", "compile_inductor"),
+    "aot_eager": ("compile_aot_eager",),
+    "inductor": ("compile_inductor",),
+    "export": ("export_strict", "export_non_strict"),
+}
 
 
 # ---------------------------------------------------------------------------
@@ -202,15 +229,25 @@ def hopcheck(
         *operands: the subgraph's operands. Tensors are cloned afresh for every
             mode; use ``requires_grad=True`` ones to check autograd, float64
             ones to run gradcheck too. Keep shapes tiny: Inductor compiles.
-        modes: the modes to run (names from :data:`MODES`); all by default.
-        **kwargs: the HOP's keyword configuration, passed on to every call.
+        modes: the modes to run: a name from :data:`MODES` or an alias
+            (``"make_fx"``, ``"compile"``, ``"aot_eager"``, ``"inductor"``,
+            ``"export"``; see the module docstring), or a list of them; they
+            run in the order of :data:`MODES`. ``None`` (the default) runs all.
+        **kwargs: the HOP's keyword configuration, passed on to every call;
+            for a :class:`hopkit.BaseHOP`, constants only (no tensors,
+            callables or modules: those are operands or belong in the subgraph).
 
     Returns:
         A :class:`HopCheckReport` (``print(report)`` shows a table).
 
     Raises:
         HopCheckError: one error listing each failed mode with its reason.
-        ValueError: an unknown mode name.
+        TypeError: ``hop`` is not a HigherOrderOperator, ``modes`` is not a
+            name or a list of names, the subgraph or the configuration is not
+            what the HOP takes; or the HOP itself refused the arguments (its own
+            ``hopkit:`` TypeError or ValueError, raised as it is). All of these
+            are raised before any mode runs.
+        ValueError: an unknown mode name (the error suggests the closest ones).
         RuntimeError: the reference itself (calling the subgraph directly)
             failed, so nothing could be compared.
 
@@ -221,7 +258,7 @@ def hopcheck(
                           torch.randn(3, dtype=torch.float64), scheme="nf4")
     """
     selected = _select_modes(modes)
-    _check_call(hop, (subgraph, *operands))
+    _check_call(hop, (subgraph, *operands), kwargs)
     case = _Case(hop, (subgraph, *operands), kwargs)
     report = HopCheckReport(hop=f"torch.ops.higher_order.{hop.__name__}")
     for mode in selected:
@@ -240,29 +277,132 @@ def hopcheck(
     return report
 
 
-def _select_modes(modes: Iterable[str] | str | None) -> list[str]:
+def _select_modes(modes: object) -> list[str]:
+    """The modes to run, in the order of MODES, from names and aliases."""
     if modes is None:
         return list(MODES)
-    names = [modes] if isinstance(modes, str) else list(modes)
-    unknown = [m for m in names if m not in MODES]
-    if unknown or not names:
-        what = f"unknown mode(s) {unknown}" if unknown else "an empty list of modes"
-        raise ValueError(
-            f"hopkit: hopcheck got {what}; valid modes are {', '.join(MODES)} "
-            f"(or modes=None for all of them)."
+    if isinstance(modes, str):
+        names: list[object] = [modes]
+    elif isinstance(modes, Iterable) and not isinstance(modes, (bytes, bytearray, Mapping)):
+        names = list(modes)
+    else:
+        raise TypeError(
+            f"hopkit: hopcheck expects modes to be a mode name, a list of mode names "
+            f"or None (every mode), but got {_given(modes)}; pass e.g. "
+            f"modes=['eager', 'fake'] or modes='make_fx'."
         )
-    return [m for m in MODES if m in names]
+    if not names:
+        raise ValueError(
+            "hopkit: hopcheck expects at least one mode, but modes is empty; name the "
+            "modes to run (e.g. modes=['eager']), or pass modes=None for all of them."
+        )
+    chosen: set[str] = set()
+    unknown: list[str] = []
+    for i, name in enumerate(names):
+        if not isinstance(name, str):
+            raise TypeError(
+                f"hopkit: hopcheck expects modes to hold mode names (str), but modes[{i}] "
+                f"is {_given(name)}; pass names from hopkit.testing.MODES, e.g. "
+                f"modes=['eager', 'fake']."
+            )
+        if name in MODES:
+            chosen.add(name)
+        elif name in _MODE_ALIASES:
+            chosen.update(_MODE_ALIASES[name])
+        else:
+            unknown.append(name)
+    if unknown:
+        raise ValueError(
+            f"hopkit: hopcheck expects mode names from hopkit.testing.MODES or their "
+            f"aliases, but got {', '.join(_unknown_mode(m) for m in unknown)}; valid "
+            f"modes are {', '.join(MODES)}; aliases are "
+            + ", ".join(f"{a} ({', '.join(ms)})" for a, ms in _MODE_ALIASES.items())
+            + "; or pass modes=None for all of them."
+        )
+    return [m for m in MODES if m in chosen]
 
 
-def _check_call(hop: Any, args: tuple[Any, ...]) -> None:
+def _unknown_mode(name: str) -> str:
+    """``'fakes' (did you mean 'fake'?)``: an unknown mode name and its near misses."""
+    valid = [*MODES, *_MODE_ALIASES]
+    close = difflib.get_close_matches(name.lower().replace("-", "_").replace(" ", "_"), valid, n=3)
+    if not close:
+        return repr(name)
+    quoted = [repr(c) for c in close]
+    options = quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+    return f"{name!r} (did you mean {options}?)"
+
+
+def _names_modes(value: Any) -> bool:
+    """Whether ``value`` is a mode name or a list of them (``mode=`` for ``modes=``)."""
+    names = [value] if isinstance(value, str) else value
+    return (
+        isinstance(names, (list, tuple))
+        and bool(names)
+        and all(isinstance(n, str) and (n in MODES or n in _MODE_ALIASES) for n in names)
+    )
+
+
+def _given(value: Any) -> str:
+    """``int 42``: the type and a short repr of a value, for errors."""
+    return f"{type(value).__name__} {reprlib.repr(value)}"
+
+
+def _named(x: Any) -> str:
+    """``the class InvokeQuant``, ``the function g``, ``the operator aten.sin.default``."""
+    if isinstance(x, type):
+        return f"the class {x.__qualname__}"
+    if isinstance(x, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return f"the operator {x}"
+    name = getattr(x, "__name__", None)
+    if isinstance(name, str):
+        return f"the {type(x).__name__} {name}"
+    return f"a {type(x).__name__}"
+
+
+def _check_call(hop: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Refuse what no mode could run, before the reference: HOP, subgraph, configuration."""
     if not isinstance(hop, HigherOrderOperator):
+        if isinstance(hop, type) and issubclass(hop, HigherOrderOperator):
+            fix = (
+                f"pass its instance (e.g. the module-level object that "
+                f"{hop.__name__}() returned), not the class"
+            )
+        elif isinstance(hop, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)) or (
+            type(hop).__name__ == "CustomOpDef"
+        ):
+            fix = "check an operator with torch.library.opcheck"
+        elif _is_subgraph(hop) or callable(hop):
+            fix = (
+                "pass the HOP first, then its subgraph: hopcheck(hop, subgraph, *operands) "
+                "(for an operator, use torch.library.opcheck)"
+            )
+        else:
+            fix = "pass the HOP object, e.g. a hopkit.BaseHOP instance"
         raise TypeError(
             f"hopkit: hopcheck expects a HigherOrderOperator (e.g. a hopkit.BaseHOP "
-            f"instance) first, but got {type(hop).__name__}; for a custom op use "
-            f"torch.library.opcheck."
+            f"instance) first, but got {_named(hop)}; {fix}."
         )
-    if isinstance(hop, BaseHOP) and len(args) > hop._num_leading:
-        subgraph = args[hop._num_leading]
+    if "mode" in kwargs and _names_modes(kwargs["mode"]):
+        raise TypeError(
+            f"hopkit: hopcheck takes the modes to run as modes=, but got "
+            f"mode={kwargs['mode']!r}, which it would pass to {hop.__name__} as "
+            f"configuration; write modes={kwargs['mode']!r}."
+        )
+    if not isinstance(hop, BaseHOP):
+        return
+    n = hop._num_leading
+    if n and len(args) > n:
+        for i, value in enumerate(args[:n]):
+            if _is_subgraph(value):
+                raise TypeError(
+                    f"hopkit: hopcheck calls {hop.__name__} as {hop.__name__}("
+                    f"{', '.join(hop.leading_config)}, subgraph, *operands), but the "
+                    f"subgraph is argument {i} ({hop.leading_config[i]}); pass all {n} "
+                    f"configuration arguments before it."
+                )
+    if len(args) > n:
+        subgraph = args[n]
         if not _is_subgraph(subgraph):
             lead = "".join(f"{name}, " for name in hop.leading_config)
             raise TypeError(
@@ -272,6 +412,35 @@ def _check_call(hop: Any, args: tuple[Any, ...]) -> None:
                 f"wrap the function: hopcheck(hop, {lead}"
                 f"hopkit.FunctionWithNoFreeVars(fn), *operands)."
             )
+        _check_config_values(hop, args[:n], kwargs)
+
+
+def _check_config_values(hop: BaseHOP, leading: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """A BaseHOP's configuration is recorded on its node, never passed to the subgraph."""
+    config = [*zip(hop.leading_config, leading), *((f"kwargs[{k!r}]", v) for k, v in kwargs.items())]
+    for where, value in config:
+        for path, leaf in pytree.tree_flatten_with_path(value)[0]:
+            if isinstance(leaf, torch.Tensor):
+                kind = "a Tensor"
+            elif isinstance(leaf, torch.nn.Module):
+                kind = f"a torch.nn.Module ({type(leaf).__name__})"
+            elif callable(leaf):
+                kind = f"a callable ({type(leaf).__name__})"
+            else:
+                continue
+            raise TypeError(
+                f"hopkit: hopcheck passes the configuration of {hop.__name__} to every "
+                f"call, and configuration must be constants (str, int, float, bool, None, "
+                f"torch.dtype, torch.device, enums, and tuples, lists or frozen "
+                f"dataclasses of those), but {where}{pytree.keystr(path)} is {kind}; pass "
+                f"tensors as operands after the subgraph, and call functions and modules "
+                f"inside the subgraph."
+            )
+
+
+def _is_refusal(e: BaseException) -> bool:
+    """A hopkit entry-point error: the HOP refusing its arguments, not a broken rule."""
+    return isinstance(e, (TypeError, ValueError)) and str(e).startswith("hopkit:")
 
 
 def _short_reason(e: BaseException) -> str:
@@ -321,7 +490,25 @@ class _Case:
             k for k, t in enumerate(self.originals)
             if t.requires_grad and (t.is_floating_point() or t.is_complex())
         ]
+        if self.is_base_hop:
+            self._let_the_hop_refuse()
         self._compute_reference()
+
+    def _let_the_hop_refuse(self) -> None:
+        """Call the HOP once in eager: a call it refuses is an error now, in its words.
+
+        A BaseHOP's reference calls the subgraph directly, so the HOP's own
+        argument checks (e.g. wrap_with_autocast's configuration) would
+        otherwise show only as the same failure in every mode. Any other
+        error is left to the modes, which report it.
+        """
+        args, kwargs = self.rebuild(self.fresh(requires_grad=False))
+        try:
+            with torch.no_grad():
+                self.hop(*args, **kwargs)
+        except Exception as e:
+            if _is_refusal(e):
+                raise
 
     # -- operands ------------------------------------------------------------
 
@@ -380,6 +567,8 @@ class _Case:
                 self.cotangents = _cotangents(out)
                 self.ref_grads = self._grads(out, tensors) if self.diff else []
         except Exception as e:
+            if not self.is_base_hop and _is_refusal(e):
+                raise  # the HOP refused the call: its own words say what to fix
             raise RuntimeError(
                 f"hopkit: hopcheck could not compute its reference: {what} raised "
                 f"{_short_reason(e)}. Fix the subgraph or the operands first; "
@@ -775,3 +964,6 @@ _MODE_RUNNERS: dict[str, Callable[[_Case], None]] = {
     "export_non_strict": _export_mode(strict=False),
 }
 assert tuple(_MODE_RUNNERS) == MODES, "every mode has exactly one runner, in order"
+assert not set(_MODE_ALIASES) & set(MODES) and all(
+    set(modes) <= set(MODES) for modes in _MODE_ALIASES.values()
+), "an alias is no mode's name and stands for modes only"

@@ -648,7 +648,11 @@ class TestMalformed(expecttest.TestCase):
 
     def test_not_a_graph_module(self) -> None:
         self.assertExpectedRaisesInline(
-            TypeError, lambda: replace_autocast_with_hop_pass(f_one, None), """hopkit.export.replace_autocast_with_hop_pass: expected a torch.fx.GraphModule, but got function; trace the function first, e.g. with make_fx(f, pre_dispatch=True)."""  # type: ignore[arg-type]
+            TypeError, lambda: replace_autocast_with_hop_pass(f_one, None), """hopkit: replace_autocast_with_hop_pass expects a torch.fx.GraphModule, but got a function; trace it first, e.g. with make_fx(f, pre_dispatch=True), or export a module with hopkit.export.export(model, args)."""  # type: ignore[arg-type]
+        )
+        gm = trace(f_one, *inputs())
+        self.assertExpectedRaisesInline(
+            TypeError, lambda: replace_autocast_with_hop_pass(gm.graph, None), """hopkit: replace_autocast_with_hop_pass expects a torch.fx.GraphModule, but got a Graph; wrap it as torch.fx.GraphModule(root, graph)."""  # type: ignore[arg-type]
         )
 
     def test_bad_hop_config(self) -> None:
@@ -656,7 +660,189 @@ class TestMalformed(expecttest.TestCase):
         self.assertExpectedRaisesInline(
             TypeError,
             lambda: wrap_with_autocast(torch.device("cpu"), "bf16", 1, None, body, torch.ones(2)),
-            """hopkit: wrap_with_autocast(device_type, dtype, enabled, cache_enabled, subgraph, *args): device_type must be a str such as 'cpu', but is device(type='cpu'); dtype must be a torch.dtype or None, but is 'bf16'; enabled must be a bool, but is 1.""",
+            """hopkit: wrap_with_autocast(device_type, dtype, enabled, cache_enabled, subgraph, *args) takes torch.autocast's arguments: device_type must be a str such as 'cpu', but is a torch.device (use its .type, 'cpu'); dtype must be a torch.dtype or None, but is 'bf16' (str); enabled must be a bool, but is 1 (int); pass them as torch.autocast takes them, e.g. ('cpu', torch.bfloat16, True, None).""",
+        )
+
+
+class _Small(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sin()
+
+
+def _small_program() -> torch.export.ExportedProgram:
+    return torch.export.export(_Small(), (torch.ones(2),))
+
+
+class TestPassArguments(expecttest.TestCase):
+    """Both passes refuse what is not (GraphModule, ExportGraphSignature | None)."""
+
+    def test_signature_of_the_wrong_type(self) -> None:
+        gm = trace(f_one, *inputs())
+        ep = _small_program()
+        self.assertExpectedRaisesInline(
+            TypeError, lambda: replace_autocast_with_hop_pass(gm, {}), """hopkit: replace_autocast_with_hop_pass expects graph_signature to be a torch.export.ExportGraphSignature or None, but got a dict; pass the graph's ExportGraphSignature (ep.graph_signature), or None for a graph without one."""  # type: ignore[arg-type]
+        )
+        self.assertExpectedRaisesInline(
+            TypeError, lambda: replace_autocast_with_hop_pass(gm, ep), """hopkit: replace_autocast_with_hop_pass expects graph_signature to be a torch.export.ExportGraphSignature or None, but got an ExportedProgram; pass ep.graph_signature, with ep.graph_module as the graph."""  # type: ignore[arg-type]
+        )
+        new_gm, _ = replace_autocast_with_hop_pass(gm, None)
+        self.assertExpectedRaisesInline(
+            TypeError, lambda: inline_autocast_hops_pass(new_gm, [ep.graph_signature]), """hopkit: inline_autocast_hops_pass expects graph_signature to be a torch.export.ExportGraphSignature or None, but got a list; pass the graph's ExportGraphSignature (ep.graph_signature), or None for a graph without one."""  # type: ignore[arg-type]
+        )
+
+    def test_exported_program_instead_of_its_graph(self) -> None:
+        ep = _small_program()
+        self.assertExpectedRaisesInline(
+            TypeError, lambda: replace_autocast_with_hop_pass(ep, ep.graph_signature), """hopkit: replace_autocast_with_hop_pass expects a torch.fx.GraphModule and its ExportGraphSignature (or None), but got an ExportedProgram; pass ep.graph_module and ep.graph_signature, or export the model with hopkit.export.export(model, args), which runs this pass for you."""  # type: ignore[arg-type]
+        )
+        self.assertExpectedRaisesInline(
+            TypeError, lambda: inline_autocast_hops_pass(ep, None), """hopkit: inline_autocast_hops_pass expects a torch.fx.GraphModule and its ExportGraphSignature (or None), but got an ExportedProgram; pass ep.graph_module and ep.graph_signature."""  # type: ignore[arg-type]
+        )
+
+    def test_signature_of_another_graph(self) -> None:
+        gm = trace(f_first_last, *inputs())  # two outputs
+        sig = _signature_for(trace(f_one, *inputs()))  # one output spec
+        self.assertExpectedRaisesInline(
+            ValueError, lambda: replace_autocast_with_hop_pass(gm, sig), """hopkit: replace_autocast_with_hop_pass expects the graph signature of this graph, but the graph returns 2 value(s) and the signature has 1 output spec(s); pass the signature that belongs to this graph, or None."""
+        )
+        new_gm, _ = replace_autocast_with_hop_pass(gm, None)
+        # The inverse used to drop the output specs that had no output.
+        self.assertExpectedRaisesInline(
+            ValueError, lambda: inline_autocast_hops_pass(new_gm, sig), """hopkit: inline_autocast_hops_pass expects the graph signature of this graph, but the graph returns 2 value(s) and the signature has 1 output spec(s); pass the signature that belongs to this graph, or None."""
+        )
+
+
+def _hop_module(
+    args: Callable[[torch.fx.Graph, torch.fx.Node, torch.fx.Node], tuple[Any, ...]],
+    use: str = "getitem",
+    kwargs: dict[str, Any] | None = None,
+    body_outputs: str = "tuple",
+) -> torch.fx.GraphModule:
+    """``out = wrap_with_autocast(*args(g, x, body)); return (out[0],)``, args built by hand."""
+    body_graph = torch.fx.Graph()
+    a = body_graph.placeholder("a")
+    sin = body_graph.call_function(torch.ops.aten.sin.default, (a,))
+    body_graph.output((sin,) if body_outputs == "tuple" else sin)
+    root = torch.nn.Module()
+    root.body = torch.fx.GraphModule(torch.nn.Module(), body_graph)
+    root.weight = torch.nn.Parameter(torch.ones(3))
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    body = g.create_node("get_attr", "body", name="body")
+    call = g.create_node("call_function", wrap_with_autocast, args(g, x, body), kwargs or {}, name="wrap")
+    if use == "getitem":
+        g.output((g.call_function(operator.getitem, (call, 0)),))
+    else:
+        g.output((call,))
+    return torch.fx.GraphModule(root, g)
+
+
+_CONFIG = ("cpu", BF16, True, False)
+
+
+class TestMalformedHopCalls(expecttest.TestCase):
+    """inline_autocast_hops_pass names a malformed wrap_with_autocast node before copying any."""
+
+    def check(self, gm: torch.fx.GraphModule, expected: str) -> None:
+        code = gm.code
+        with self.assertRaises(ValueError) as info:
+            inline_autocast_hops_pass(gm, None)
+        self.assertEqual(gm.code, code)  # untouched
+        self.assertExpectedInline(str(info.exception), expected, skip=1)
+
+    def test_too_few_arguments(self) -> None:
+        self.check(_hop_module(lambda g, x, body: ("cpu", BF16, body, x)), """hopkit: inline_autocast_hops_pass expects wrap_with_autocast(device_type, dtype, enabled, cache_enabled, subgraph, *operands) calls with constant configuration and a get_attr of a GraphModule as the subgraph, but in node 'wrap' (%wrap : [num_users=1] = call_function[target=torch.ops.higher_order.hopkit_wrap_with_autocast](args = (cpu, torch.bfloat16, %body, %x), kwargs = {})) it has 4 positional argument(s), fewer than the four configuration arguments and the subgraph; fix that node (the calls replace_autocast_with_hop_pass builds have this form).""")
+
+    def test_keyword_arguments(self) -> None:
+        self.check(
+            _hop_module(lambda g, x, body: (*_CONFIG, body, x), kwargs={"dtype": BF16}), """hopkit: inline_autocast_hops_pass expects wrap_with_autocast(device_type, dtype, enabled, cache_enabled, subgraph, *operands) calls with constant configuration and a get_attr of a GraphModule as the subgraph, but in node 'wrap' (%wrap : [num_users=1] = call_function[target=torch.ops.higher_order.hopkit_wrap_with_autocast](args = (cpu, torch.bfloat16, True, False, %body, %x), kwargs = {dtype: torch.bfloat16})) it has keyword arguments ['dtype']; fix that node (the calls replace_autocast_with_hop_pass builds have this form)."""
+        )
+
+    def test_subgraph_not_a_get_attr(self) -> None:
+        self.check(_hop_module(lambda g, x, body: (*_CONFIG, x, x)), """hopkit: inline_autocast_hops_pass expects wrap_with_autocast(device_type, dtype, enabled, cache_enabled, subgraph, *operands) calls with constant configuration and a get_attr of a GraphModule as the subgraph, but in node 'wrap' (%wrap : [num_users=1] = call_function[target=torch.ops.higher_order.hopkit_wrap_with_autocast](args = (cpu, torch.bfloat16, True, False, %x, %x), kwargs = {})) its subgraph argument is node 'x' (%x : [num_users=1] = placeholder[target=x]), not a get_attr node; fix that node (the calls replace_autocast_with_hop_pass builds have this form).""")
+
+    def test_subgraph_not_a_graph_module(self) -> None:
+        def args(g: torch.fx.Graph, x: torch.fx.Node, body: torch.fx.Node) -> tuple[Any, ...]:
+            return (*_CONFIG, g.create_node("get_attr", "weight", name="weight"), x)
+
+        self.check(_hop_module(args), """hopkit: inline_autocast_hops_pass expects wrap_with_autocast(device_type, dtype, enabled, cache_enabled, subgraph, *operands) calls with constant configuration and a get_attr of a GraphModule as the subgraph, but in node 'wrap' (%wrap : [num_users=1] = call_function[target=torch.ops.higher_order.hopkit_wrap_with_autocast](args = (cpu, torch.bfloat16, True, False, %weight, %x), kwargs = {})) its subgraph 'weight' is a Parameter, not a torch.fx.GraphModule; fix that node (the calls replace_autocast_with_hop_pass builds have this form).""")
+
+    def test_config_not_constant(self) -> None:
+        self.check(_hop_module(lambda g, x, body: ("cpu", x, True, False, body, x)), """hopkit: inline_autocast_hops_pass expects wrap_with_autocast(device_type, dtype, enabled, cache_enabled, subgraph, *operands) calls with constant configuration and a get_attr of a GraphModule as the subgraph, but in node 'wrap' (%wrap : [num_users=1] = call_function[target=torch.ops.higher_order.hopkit_wrap_with_autocast](args = (cpu, %x, True, False, %body, %x), kwargs = {})) dtype is the graph value 'x', not a constant; fix that node (the calls replace_autocast_with_hop_pass builds have this form).""")
+
+    def test_config_of_the_wrong_type(self) -> None:
+        self.check(_hop_module(lambda g, x, body: ("gpu", "bf16", 1, False, body, x)), """hopkit: inline_autocast_hops_pass expects wrap_with_autocast(device_type, dtype, enabled, cache_enabled, subgraph, *operands) calls with constant configuration and a get_attr of a GraphModule as the subgraph, but in node 'wrap' (%wrap : [num_users=1] = call_function[target=torch.ops.higher_order.hopkit_wrap_with_autocast](args = (gpu, bf16, 1, False, %body, %x), kwargs = {})) device_type must be a device type that autocast supports, such as 'cpu' or 'cuda', but is 'gpu'; dtype must be a torch.dtype or None, but is 'bf16' (str); enabled must be a bool, but is 1 (int); fix that node (the calls replace_autocast_with_hop_pass builds have this form).""")
+
+    def test_operands_do_not_fit_the_subgraph(self) -> None:
+        self.check(_hop_module(lambda g, x, body: (*_CONFIG, body, x, x)), """hopkit: inline_autocast_hops_pass expects wrap_with_autocast(device_type, dtype, enabled, cache_enabled, subgraph, *operands) calls with constant configuration and a get_attr of a GraphModule as the subgraph, but in node 'wrap' (%wrap : [num_users=1] = call_function[target=torch.ops.higher_order.hopkit_wrap_with_autocast](args = (cpu, torch.bfloat16, True, False, %body, %x, %x), kwargs = {})) its subgraph 'body' takes 1 input(s), but the call passes 2 operand(s); fix that node (the calls replace_autocast_with_hop_pass builds have this form).""")
+
+    def test_tuple_result_used_directly(self) -> None:
+        self.check(_hop_module(lambda g, x, body: (*_CONFIG, body, x), use="direct"), """hopkit: inline_autocast_hops_pass expects wrap_with_autocast(device_type, dtype, enabled, cache_enabled, subgraph, *operands) calls with constant configuration and a get_attr of a GraphModule as the subgraph, but in node 'wrap' (%wrap : [num_users=1] = call_function[target=torch.ops.higher_order.hopkit_wrap_with_autocast](args = (cpu, torch.bfloat16, True, False, %body, %x), kwargs = {})) it is used by node 'output' (return (wrap,)), but its subgraph returns a tuple of 1, which only getitem(call, i) with 0 <= i < 1 can take apart; fix that node (the calls replace_autocast_with_hop_pass builds have this form).""")
+
+
+def test_inline_body_that_returns_one_value() -> None:
+    # The call's value is the body's value itself, so out[0] indexes it: the
+    # inliner used to take out[0] for the whole value.
+    gm = _hop_module(lambda g, x, body: (*_CONFIG, body, x), body_outputs="single")
+    back, _ = inline_autocast_hops_pass(gm, None)
+    (x,) = inputs(1, requires_grad=False)
+    assert_same(back(x), gm(x))
+    assert back(x)[0].shape == (3,)
+
+
+class TestHopArguments(expecttest.TestCase):
+    """wrap_with_autocast refuses a bad call before dispatching anything."""
+
+    def test_unknown_device_type(self) -> None:
+        self.assertExpectedRaisesInline(
+            TypeError,
+            lambda: wrap_with_autocast("gpu", BF16, True, None, BODY, *inputs()),
+            """hopkit: wrap_with_autocast(device_type, dtype, enabled, cache_enabled, subgraph, *args) takes torch.autocast's arguments: device_type must be a device type that autocast supports, such as 'cpu' or 'cuda', but is 'gpu'; pass them as torch.autocast takes them, e.g. ('cpu', torch.bfloat16, True, None).""",
+        )
+
+    def test_device_object(self) -> None:
+        self.assertExpectedRaisesInline(
+            TypeError,
+            lambda: wrap_with_autocast(torch.device("cpu"), BF16, True, None, BODY, *inputs()),
+            """hopkit: wrap_with_autocast(device_type, dtype, enabled, cache_enabled, subgraph, *args) takes torch.autocast's arguments: device_type must be a str such as 'cpu', but is a torch.device (use its .type, 'cpu'); pass them as torch.autocast takes them, e.g. ('cpu', torch.bfloat16, True, None).""",
+        )
+
+    def test_configuration_left_out(self) -> None:
+        self.assertExpectedRaisesInline(
+            TypeError, lambda: wrap_with_autocast("cpu", BODY, *inputs()), """hopkit: wrap_with_autocast expects (device_type, dtype, enabled, cache_enabled, subgraph, *args), but argument 1 (dtype) is a FunctionWithNoFreeVars; pass all four configuration arguments before the subgraph, e.g. wrap_with_autocast('cpu', torch.bfloat16, True, None, subgraph, *args)."""
+        )
+
+    def test_keyword_arguments(self) -> None:
+        self.assertExpectedRaisesInline(
+            TypeError,
+            lambda: wrap_with_autocast("cpu", BF16, True, None, BODY, *inputs(), enabled=True),
+            """hopkit: wrap_with_autocast takes no keyword arguments, but got ['enabled']; pass (device_type, dtype, enabled, cache_enabled, subgraph, *args) positionally.""",
+        )
+
+
+class TestExportArguments(expecttest.TestCase):
+    """hopkit.export.export refuses bad arguments before swapping the pass or tracing."""
+
+    def test_not_a_module(self) -> None:
+        self.assertExpectedRaisesInline(
+            TypeError, lambda: hx.export(f_one, tuple(inputs())), """hopkit: export expects a torch.nn.Module, but got a function; to export a function, wrap it in a Module whose forward calls it."""  # type: ignore[arg-type]
+        )
+        ep = _small_program()
+        self.assertExpectedRaisesInline(
+            TypeError, lambda: hx.export(ep, (torch.ones(2),)), """hopkit: export expects a torch.nn.Module, but got an ExportedProgram; export the nn.Module it came from (its autocast regions are rewritten already)."""  # type: ignore[arg-type]
+        )
+
+    def test_args_not_a_tuple(self) -> None:
+        self.assertExpectedRaisesInline(
+            TypeError, lambda: hx.export(_Small(), torch.ones(2)), """hopkit: export expects args to be a tuple of example inputs (as torch.export.export does), but got a Tensor; pass (x,) for a single input x."""  # type: ignore[arg-type]
+        )
+        self.assertExpectedRaisesInline(
+            TypeError, lambda: hx.export(_Small(), [torch.ones(2)]), """hopkit: export expects args to be a tuple of example inputs (as torch.export.export does), but got a list; pass tuple(args)."""  # type: ignore[arg-type]
+        )
+
+    def test_kwargs_not_a_mapping(self) -> None:
+        self.assertExpectedRaisesInline(
+            TypeError, lambda: hx.export(_Small(), (), [torch.ones(2)]), """hopkit: export expects kwargs to be a dict of example keyword inputs or None, but got a list; pass positional inputs in args."""  # type: ignore[arg-type]
         )
 
 

@@ -251,9 +251,74 @@ def test_modes_selects_and_orders() -> None:
 
 
 def test_unknown_mode_error() -> None:
-    err = error_of(lambda: hopcheck(invoke_quant, G, *operands(), modes=["fake", "compile"]),
+    err = error_of(lambda: hopcheck(invoke_quant, G, *operands(),
+                                    modes=["fake", "fakes", "export_nonstrict", "dynamo"]),
                    ValueError)
-    assert_expected_inline(str(err), """hopkit: hopcheck got unknown mode(s) ['compile']; valid modes are eager, schema, fake, make_fx_real, make_fx_fake, make_fx_symbolic, functionalize, autograd, gradcheck, compile_eager, compile_aot_eager, compile_inductor, export_strict, export_non_strict (or modes=None for all of them).""")
+    assert_expected_inline(str(err), """hopkit: hopcheck expects mode names from hopkit.testing.MODES or their aliases, but got 'fakes' (did you mean 'fake'?), 'export_nonstrict' (did you mean 'export_non_strict' or 'export_strict'?), 'dynamo'; valid modes are eager, schema, fake, make_fx_real, make_fx_fake, make_fx_symbolic, functionalize, autograd, gradcheck, compile_eager, compile_aot_eager, compile_inductor, export_strict, export_non_strict; aliases are make_fx (make_fx_real, make_fx_fake, make_fx_symbolic), compile (compile_eager, compile_aot_eager, compile_inductor), aot_eager (compile_aot_eager), inductor (compile_inductor), export (export_strict, export_non_strict); or pass modes=None for all of them.""")
+
+
+def test_modes_must_be_names() -> None:
+    err = error_of(lambda: hopcheck(invoke_quant, G, *operands(), modes=42), TypeError)
+    assert_expected_inline(str(err), """hopkit: hopcheck expects modes to be a mode name, a list of mode names or None (every mode), but got int 42; pass e.g. modes=['eager', 'fake'] or modes='make_fx'.""")
+    err = error_of(lambda: hopcheck(invoke_quant, G, *operands(), modes=["eager", 3]), TypeError)
+    assert_expected_inline(str(err), """hopkit: hopcheck expects modes to hold mode names (str), but modes[1] is int 3; pass names from hopkit.testing.MODES, e.g. modes=['eager', 'fake'].""")
+    err = error_of(lambda: hopcheck(invoke_quant, G, *operands(), modes=[]), ValueError)
+    assert_expected_inline(str(err), """hopkit: hopcheck expects at least one mode, but modes is empty; name the modes to run (e.g. modes=['eager']), or pass modes=None for all of them.""")
+
+
+def test_mode_aliases() -> None:
+    from hopkit.testing import _select_modes
+
+    assert _select_modes("make_fx") == ["make_fx_real", "make_fx_fake", "make_fx_symbolic"]
+    assert _select_modes(["export"]) == ["export_strict", "export_non_strict"]
+    assert _select_modes(["inductor", "aot_eager"]) == ["compile_aot_eager", "compile_inductor"]
+    assert _select_modes(("compile", "eager")) == [
+        "eager", "compile_eager", "compile_aot_eager", "compile_inductor"]
+    assert _select_modes({"fake", "make_fx_fake", "make_fx"}) == [
+        "fake", "make_fx_real", "make_fx_fake", "make_fx_symbolic"]
+    # One name, alias or mode, is one string; hopcheck runs what it stands for.
+    x, y = operands(torch.float32, requires_grad=False)
+    report = hopcheck(invoke_quant, G, x, y, modes="make_fx")
+    assert [r.mode for r in report.results] == ["make_fx_real", "make_fx_fake", "make_fx_symbolic"]
+    assert [r.mode for r in hopcheck(invoke_quant, G, x, y, modes="fake").results] == ["fake"]
+
+
+def test_mode_keyword_for_modes() -> None:
+    # mode= would reach the HOP as configuration and run every mode.
+    err = error_of(lambda: hopcheck(invoke_quant, G, *operands(), mode=["fake"]), TypeError)
+    assert_expected_inline(str(err), """hopkit: hopcheck takes the modes to run as modes=, but got mode=['fake'], which it would pass to hopkit_test_hc_invoke_quant as configuration; write modes=['fake'].""")
+
+
+def test_hop_that_is_not_a_hop_instance() -> None:
+    err = error_of(lambda: hopcheck(InvokeQuant, G, *operands()), TypeError)  # type: ignore[arg-type]
+    assert_expected_inline(str(err), """hopkit: hopcheck expects a HigherOrderOperator (e.g. a hopkit.BaseHOP instance) first, but got the class InvokeQuant; pass its instance (e.g. the module-level object that InvokeQuant() returned), not the class.""")
+    err = error_of(lambda: hopcheck(g, *operands()), TypeError)  # type: ignore[arg-type]
+    assert_expected_inline(str(err), """hopkit: hopcheck expects a HigherOrderOperator (e.g. a hopkit.BaseHOP instance) first, but got the function g; pass the HOP first, then its subgraph: hopcheck(hop, subgraph, *operands) (for an operator, use torch.library.opcheck).""")
+    err = error_of(lambda: hopcheck(torch.ops.aten.sin.default, operands()[0]), TypeError)  # type: ignore[arg-type]
+    assert_expected_inline(str(err), """hopkit: hopcheck expects a HigherOrderOperator (e.g. a hopkit.BaseHOP instance) first, but got the operator aten.sin.default; check an operator with torch.library.opcheck.""")
+
+
+def test_configuration_must_be_constants() -> None:
+    x, y = operands(torch.float32, requires_grad=False)
+    err = error_of(lambda: hopcheck(invoke_quant, G, x, y, scales=(1.0, torch.ones(1))), TypeError)
+    assert_expected_inline(str(err), """hopkit: hopcheck passes the configuration of hopkit_test_hc_invoke_quant to every call, and configuration must be constants (str, int, float, bool, None, torch.dtype, torch.device, enums, and tuples, lists or frozen dataclasses of those), but kwargs['scales'][1] is a Tensor; pass tensors as operands after the subgraph, and call functions and modules inside the subgraph.""")
+    err = error_of(lambda: hopcheck(invoke_quant, G, x, y, act=torch.nn.ReLU()), TypeError)
+    assert_expected_inline(str(err), """hopkit: hopcheck passes the configuration of hopkit_test_hc_invoke_quant to every call, and configuration must be constants (str, int, float, bool, None, torch.dtype, torch.device, enums, and tuples, lists or frozen dataclasses of those), but kwargs['act'] is a torch.nn.Module (ReLU); pass tensors as operands after the subgraph, and call functions and modules inside the subgraph.""")
+
+
+def test_the_hop_refuses_its_arguments_at_the_call() -> None:
+    # wrap_with_autocast's own checks: raised once, before the reference,
+    # instead of as a failure of every mode (or a torch error in the reference).
+    hx = pytest.importorskip("hopkit.export")
+    x, y = operands(torch.float32, requires_grad=False)
+    err = error_of(lambda: hopcheck(hx.wrap_with_autocast, "cpu", "bf16", True, None, G, x, y),
+                   TypeError)
+    assert_expected_inline(str(err), """hopkit: wrap_with_autocast(device_type, dtype, enabled, cache_enabled, subgraph, *args) takes torch.autocast's arguments: dtype must be a torch.dtype or None, but is 'bf16' (str); pass them as torch.autocast takes them, e.g. ('cpu', torch.bfloat16, True, None).""")
+    err = error_of(lambda: hopcheck(hx.wrap_with_autocast, "cpu", torch.bfloat16, True, None, G,
+                                    x, y, cache_enabled=False), TypeError)
+    assert_expected_inline(str(err), """hopkit: wrap_with_autocast takes no keyword arguments, but got ['cache_enabled']; pass (device_type, dtype, enabled, cache_enabled, subgraph, *args) positionally.""")
+    err = error_of(lambda: hopcheck(hx.wrap_with_autocast, "cpu", True, None, G, x, y), TypeError)
+    assert_expected_inline(str(err), """hopkit: hopcheck calls hopkit_wrap_with_autocast as hopkit_wrap_with_autocast(device_type, dtype, enabled, cache_enabled, subgraph, *operands), but the subgraph is argument 3 (cache_enabled); pass all 4 configuration arguments before it.""")
 
 
 def test_reference_error() -> None:

@@ -32,8 +32,9 @@ import contextlib
 from typing import Any, ClassVar
 
 import torch
+import torch.fx
 
-from hopkit.base_hop import BaseHOP
+from hopkit.base_hop import BaseHOP, FunctionWithNoFreeVars
 
 __all__ = ["WrapWithAutocast", "wrap_with_autocast"]
 
@@ -62,14 +63,14 @@ class WrapWithAutocast(BaseHOP):
             What ``subgraph(*args)`` returns (hopkit's pass always builds
             subgraphs that return a tuple).
         """
-        if len(args) >= 4 and not kwargs:
-            _check_config(*args[:4])
-        elif kwargs:
+        if kwargs:
             raise TypeError(
                 f"hopkit: wrap_with_autocast takes no keyword arguments, but got "
                 f"{sorted(kwargs)}; pass (device_type, dtype, enabled, cache_enabled, "
                 f"subgraph, *args) positionally."
             )
+        if len(args) >= 4:
+            _check_config(args)
         return super().__call__(*args, **kwargs)
 
     def subgraph_context(self, config: dict[str, Any]) -> contextlib.AbstractContextManager[None]:
@@ -92,22 +93,71 @@ class WrapWithAutocast(BaseHOP):
         return {**config, "enabled": False}
 
 
-def _check_config(device_type: Any, dtype: Any, enabled: Any, cache_enabled: Any) -> None:
-    """Refuse a bad autocast configuration before anything is dispatched."""
-    problems = []
-    if not isinstance(device_type, str):
-        problems.append(f"device_type must be a str such as 'cpu', but is {device_type!r}")
-    if dtype is not None and not isinstance(dtype, torch.dtype):
-        problems.append(f"dtype must be a torch.dtype or None, but is {dtype!r}")
-    if not isinstance(enabled, bool):
-        problems.append(f"enabled must be a bool, but is {enabled!r}")
-    if cache_enabled is not None and not isinstance(cache_enabled, bool):
-        problems.append(f"cache_enabled must be a bool or None, but is {cache_enabled!r}")
+def _check_config(args: tuple[Any, ...]) -> None:
+    """Refuse a bad autocast configuration (``args[:4]``) before anything is dispatched."""
+    for i, (name, value) in enumerate(zip(WrapWithAutocast.leading_config, args[:4])):
+        if isinstance(value, (torch.Tensor, torch.fx.GraphModule, FunctionWithNoFreeVars)) or (
+            callable(value) and not isinstance(value, type)
+        ):
+            # The usual cause: a configuration argument left out, so the
+            # subgraph or an operand moved into its place.
+            raise TypeError(
+                f"hopkit: wrap_with_autocast expects (device_type, dtype, enabled, "
+                f"cache_enabled, subgraph, *args), but argument {i} ({name}) is a "
+                f"{type(value).__name__}; pass all four configuration arguments before "
+                f"the subgraph, e.g. wrap_with_autocast('cpu', torch.bfloat16, True, None, "
+                f"subgraph, *args)."
+            )
+    problems = config_problems(*args[:4])
     if problems:
         raise TypeError(
             "hopkit: wrap_with_autocast(device_type, dtype, enabled, cache_enabled, "
-            "subgraph, *args): " + "; ".join(problems) + "."
+            "subgraph, *args) takes torch.autocast's arguments: "
+            + "; ".join(problems)
+            + "; pass them as torch.autocast takes them, e.g. ('cpu', torch.bfloat16, "
+            "True, None)."
         )
+
+
+def config_problems(device_type: Any, dtype: Any, enabled: Any, cache_enabled: Any) -> list[str]:
+    """What is wrong with an autocast configuration, one phrase per argument (empty: nothing).
+
+    Shared by the HOP's call and the checks of graph nodes that call it
+    (``inline_autocast_hops_pass``).
+    """
+    problems = []
+    if not isinstance(device_type, str):
+        given = (
+            f"a torch.device (use its .type, {device_type.type!r})"
+            if isinstance(device_type, torch.device)
+            else _given(device_type)
+        )
+        problems.append(f"device_type must be a str such as 'cpu', but is {given}")
+    elif not _autocast_available(device_type):
+        problems.append(
+            f"device_type must be a device type that autocast supports, such as 'cpu' or "
+            f"'cuda', but is {device_type!r}"
+        )
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        problems.append(f"dtype must be a torch.dtype or None, but is {_given(dtype)}")
+    if not isinstance(enabled, bool):
+        problems.append(f"enabled must be a bool, but is {_given(enabled)}")
+    if cache_enabled is not None and not isinstance(cache_enabled, bool):
+        problems.append(f"cache_enabled must be a bool or None, but is {_given(cache_enabled)}")
+    return problems
+
+
+def _given(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _autocast_available(device_type: str) -> bool:
+    # torch.autocast refuses such a device type only when the region is
+    # entered, which under a tracer is deep inside the trace.
+    try:
+        return bool(torch.amp.autocast_mode.is_autocast_available(device_type))
+    except RuntimeError:  # not a device string at all ("gpu", "")
+        return False
 
 
 wrap_with_autocast = WrapWithAutocast()

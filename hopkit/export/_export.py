@@ -20,7 +20,6 @@ explicit ops.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import operator
 from collections.abc import Mapping
 from typing import Any
@@ -30,8 +29,18 @@ import torch.fx
 from torch.export.graph_signature import ExportGraphSignature
 
 from hopkit import _compat
-from hopkit.export._autocast_hop import wrap_with_autocast
-from hopkit.export._pass import _ENTER, _EXIT, _get_attr_path, replace_autocast_with_hop_pass
+from hopkit.export._autocast_hop import config_problems, wrap_with_autocast
+from hopkit.export._pass import (
+    _ENTER,
+    _EXIT,
+    _check_pass_args,
+    _check_signature_fits,
+    _describe,
+    _fix_signature,
+    _get_attr_path,
+    _type_name,
+    replace_autocast_with_hop_pass,
+)
 
 __all__ = ["export", "inline_autocast_hops_pass"]
 
@@ -63,26 +72,127 @@ def export(
     an autocast region with their un-autocast dtypes, so ``ep.module()`` fails
     its own dtype asserts ("Tensor dtype mismatch"), with torch's pass exactly
     as with hopkit's. Use the default, non-strict export.
+
+    Raises:
+        TypeError: ``mod`` is not an ``nn.Module``, ``args`` not a tuple or
+            ``kwargs`` not a mapping, before anything is traced.
     """
-    if not isinstance(mod, torch.nn.Module):
-        raise TypeError(
-            f"hopkit.export.export: expected a torch.nn.Module, but got "
-            f"{type(mod).__name__}; wrap a function in a Module whose forward calls it."
-        )
+    _check_export_args(mod, args, kwargs)
     with _compat.export_with_autocast_pass(replace_autocast_with_hop_pass):
         return torch.export.export(mod, args, kwargs, **export_kwargs)
+
+
+def _check_export_args(mod: Any, args: Any, kwargs: Any) -> None:
+    if not isinstance(mod, torch.nn.Module):
+        if isinstance(mod, torch.export.ExportedProgram):
+            fix = "export the nn.Module it came from (its autocast regions are rewritten already)"
+        else:
+            fix = "to export a function, wrap it in a Module whose forward calls it"
+        raise TypeError(
+            f"hopkit: export expects a torch.nn.Module, but got {_type_name(mod)}; {fix}."
+        )
+    if not isinstance(args, tuple):
+        fix = "pass tuple(args)" if isinstance(args, list) else "pass (x,) for a single input x"
+        raise TypeError(
+            f"hopkit: export expects args to be a tuple of example inputs (as "
+            f"torch.export.export does), but got {_type_name(args)}; {fix}."
+        )
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise TypeError(
+            f"hopkit: export expects kwargs to be a dict of example keyword inputs or "
+            f"None, but got {_type_name(kwargs)}; pass positional inputs in args."
+        )
 
 
 def _is_autocast_hop(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and node.target is wrap_with_autocast
 
 
-def _needs_inlining(gm: torch.fx.GraphModule) -> bool:
-    return any(
-        isinstance(m, torch.fx.GraphModule)
-        and bool(m.graph.find_nodes(op="call_function", target=wrap_with_autocast))
+def _check_autocast_hop(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
+    """Refuse a ``wrap_with_autocast`` call node the inliner cannot expand, naming it.
+
+    Checked for every call before the first node is copied, so an error never
+    leaves a half-built graph behind.
+    """
+    problems: list[str] = []
+    args = node.args
+    if node.kwargs:
+        problems.append(f"it has keyword arguments {sorted(node.kwargs)}")
+    if len(args) < 5:
+        problems.append(
+            f"it has {len(args)} positional argument(s), fewer than the four "
+            f"configuration arguments and the subgraph"
+        )
+    else:
+        names = ("device_type", "dtype", "enabled", "cache_enabled")
+        values = [
+            f"{name} is the graph value '{a.name}', not a constant"
+            for name, a in zip(names, args[:4])
+            if isinstance(a, torch.fx.Node)
+        ]
+        problems += values or config_problems(*args[:4])
+        problems += _body_problems(gm, node)
+    if problems:
+        raise ValueError(
+            f"hopkit: inline_autocast_hops_pass expects wrap_with_autocast(device_type, "
+            f"dtype, enabled, cache_enabled, subgraph, *operands) calls with constant "
+            f"configuration and a get_attr of a GraphModule as the subgraph, but in "
+            f"{_describe(node)} " + "; ".join(problems) + "; fix that node (the calls "
+            f"replace_autocast_with_hop_pass builds have this form)."
+        )
+
+
+def _body_problems(gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[str]:
+    """What is wrong with the subgraph argument of an autocast HOP call and its uses."""
+    body_node, operands = node.args[4], node.args[5:]
+    if not (
+        isinstance(body_node, torch.fx.Node)
+        and body_node.op == "get_attr"
+        and isinstance(body_node.target, str)
+    ):
+        what = _describe(body_node) if isinstance(body_node, torch.fx.Node) else _type_name(body_node)
+        return [f"its subgraph argument is {what}, not a get_attr node"]
+    try:
+        body = _get_attr_path(gm, body_node.target)
+    except AttributeError:
+        return [f"its subgraph {body_node.target!r} is not an attribute of the module"]
+    if not isinstance(body, torch.fx.GraphModule):
+        return [f"its subgraph {body_node.target!r} is {_type_name(body)}, not a torch.fx.GraphModule"]
+    problems = []
+    num_inputs = len(body.graph.find_nodes(op="placeholder"))
+    if num_inputs != len(operands):
+        problems.append(
+            f"its subgraph {body_node.target!r} takes {num_inputs} input(s), but the "
+            f"call passes {len(operands)} operand(s)"
+        )
+    outs = body.graph.output_node().args[0]
+    if isinstance(outs, (tuple, list)):
+        n = len(outs)
+        for user in node.users:
+            if not (
+                user.op == "call_function"
+                and user.target is operator.getitem
+                and len(user.args) == 2
+                and user.args[0] is node
+                and type(user.args[1]) is int
+                and -n <= user.args[1] < n
+            ):
+                problems.append(
+                    f"it is used by {_describe(user)}, but its subgraph returns a "
+                    f"tuple of {n}, which only getitem(call, i) with 0 <= i < {n} can take apart"
+                )
+                break
+    return problems
+
+
+def _autocast_hops(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.GraphModule, torch.fx.Node]]:
+    """Every autocast HOP call in ``gm`` and the GraphModules under it, with its module."""
+    return [
+        (m, n)
         for m in gm.modules()
-    )
+        if isinstance(m, torch.fx.GraphModule)
+        for n in m.graph.find_nodes(op="call_function", target=wrap_with_autocast)
+    ]
 
 
 class _Inliner:
@@ -115,11 +225,7 @@ class _Inliner:
         result: Any = None
 
         def arg(n: torch.fx.Node) -> Any:
-            if n in expanded:
-                raise ValueError(
-                    f"hopkit.export.inline_autocast_hops_pass: {n.format_node()} is used "
-                    f"other than through getitem; cannot inline it."
-                )
+            assert n not in expanded, "only getitem uses it (_check_autocast_hop)"
             if n not in env and n.op == "get_attr":
                 # Created on first use, so a body consumed by an expanded call
                 # is never copied.
@@ -146,6 +252,7 @@ class _Inliner:
             elif node.op == "get_attr":
                 pass  # see arg()
             elif _is_autocast_hop(node):
+                # The node's form was checked by _check_autocast_hop.
                 device, dtype, enabled, cache, body_node, *operands = node.args
                 assert isinstance(body_node, torch.fx.Node) and isinstance(body_node.target, str)
                 body = _get_attr_path(gm, body_node.target)
@@ -155,7 +262,10 @@ class _Inliner:
                         enter.meta[k] = copy.copy(node.meta[k])
                 _, outs = self.copy_graph(body, [torch.fx.node.map_arg(o, arg) for o in operands])
                 self.graph.call_function(_EXIT, (enter,))
-                expanded[node] = tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
+                if isinstance(outs, (tuple, list)):
+                    expanded[node] = tuple(outs)
+                else:  # a body that returns one value: the call's value is that value
+                    env[node] = outs
             elif (
                 node.op == "call_function"
                 and node.target is operator.getitem
@@ -189,14 +299,26 @@ def inline_autocast_hops_pass(
 
     Body nodes keep their names where the outer graph does not use them
     already, so ``inline(replace(gm))`` has the names of ``gm``.
+
+    Raises:
+        TypeError: ``gm`` is not a GraphModule or ``graph_signature`` is neither
+            an ``ExportGraphSignature`` nor ``None`` (for an ExportedProgram
+            ``ep``, pass ``ep.graph_module, ep.graph_signature``).
+        ValueError: naming the node, for a malformed ``wrap_with_autocast`` call
+            (wrong arguments, a subgraph that is not a get_attr of a
+            GraphModule, configuration that is not constant, a tuple result
+            used other than through ``getitem``), or a signature whose output
+            specs do not match the graph's outputs; raised before anything is
+            copied.
     """
-    if not isinstance(gm, torch.fx.GraphModule):
-        raise TypeError(
-            f"hopkit.export.inline_autocast_hops_pass: expected a torch.fx.GraphModule, "
-            f"but got {type(gm).__name__}."
-        )
-    if not _needs_inlining(gm):
+    _check_pass_args("inline_autocast_hops_pass", gm, graph_signature)
+    hops = _autocast_hops(gm)
+    if not hops:
         return gm, graph_signature
+    for module, node in hops:
+        _check_autocast_hop(module, node)
+    if graph_signature is not None:
+        _check_signature_fits("inline_autocast_hops_pass", gm, graph_signature)
     inliner = _Inliner(gm)
     inliner.copy_graph(gm, None)
     new_gm = torch.fx.GraphModule(inliner.attrs, inliner.graph, class_name="GraphModule")
@@ -204,13 +326,4 @@ def inline_autocast_hops_pass(
     new_gm.graph.lint()
     if graph_signature is None:
         return new_gm, None
-    out = new_gm.graph.output_node().args[0]
-    flat = list(out) if isinstance(out, (tuple, list)) else [out]
-    specs = [
-        dataclasses.replace(spec, arg=dataclasses.replace(spec.arg, name=a.name))
-        if isinstance(a, torch.fx.Node) and getattr(spec.arg, "name", None) != a.name
-        else spec
-        for a, spec in zip(flat, graph_signature.output_specs)
-    ]
-    return new_gm, dataclasses.replace(graph_signature, output_specs=specs)
-
+    return new_gm, _fix_signature(new_gm, graph_signature)

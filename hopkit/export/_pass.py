@@ -706,21 +706,80 @@ def _rewrite_module(
     return new_gm
 
 
+def _flat_outputs(gm: torch.fx.GraphModule) -> list[Any]:
+    out = gm.graph.output_node().args[0]
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def _check_pass_args(fn: str, gm: Any, graph_signature: Any) -> None:
+    """Refuse what is not ``(GraphModule, ExportGraphSignature | None)``, naming the fix.
+
+    Shared by both passes. An ExportedProgram in either place is the usual
+    mistake: the passes take its two halves.
+    """
+    if isinstance(gm, torch.export.ExportedProgram):
+        also = (
+            ", or export the model with hopkit.export.export(model, args), which runs "
+            "this pass for you"
+            if fn == "replace_autocast_with_hop_pass"
+            else ""
+        )
+        raise TypeError(
+            f"hopkit: {fn} expects a torch.fx.GraphModule and its ExportGraphSignature "
+            f"(or None), but got an ExportedProgram; pass ep.graph_module and "
+            f"ep.graph_signature{also}."
+        )
+    if not isinstance(gm, torch.fx.GraphModule):
+        fix = (
+            "wrap it as torch.fx.GraphModule(root, graph)"
+            if isinstance(gm, torch.fx.Graph)
+            else "trace it first, e.g. with make_fx(f, pre_dispatch=True), or export a "
+            "module with hopkit.export.export(model, args)"
+        )
+        raise TypeError(
+            f"hopkit: {fn} expects a torch.fx.GraphModule, but got "
+            f"{_type_name(gm)}; {fix}."
+        )
+    if graph_signature is not None and not isinstance(graph_signature, ExportGraphSignature):
+        fix = (
+            "pass ep.graph_signature, with ep.graph_module as the graph"
+            if isinstance(graph_signature, torch.export.ExportedProgram)
+            else "pass the graph's ExportGraphSignature (ep.graph_signature), or None "
+            "for a graph without one"
+        )
+        raise TypeError(
+            f"hopkit: {fn} expects graph_signature to be a "
+            f"torch.export.ExportGraphSignature or None, but got "
+            f"{_type_name(graph_signature)}; {fix}."
+        )
+
+
+def _check_signature_fits(fn: str, gm: torch.fx.GraphModule, sig: ExportGraphSignature) -> None:
+    """The signature has one output spec per graph output (the passes keep that count)."""
+    n = len(_flat_outputs(gm))
+    if n != len(sig.output_specs):
+        raise ValueError(
+            f"hopkit: {fn} expects the graph signature of this graph, but the graph "
+            f"returns {n} value(s) and the signature has {len(sig.output_specs)} output "
+            f"spec(s); pass the signature that belongs to this graph, or None."
+        )
+
+
+def _type_name(x: Any) -> str:
+    """``a dict``, ``an int``, ``an ExportedProgram``: what was given, for errors."""
+    name = type(x).__qualname__
+    return f"{'an' if name[0].lower() in 'aeiou' else 'a'} {name}"
+
+
 def _fix_signature(
     new_gm: torch.fx.GraphModule, sig: ExportGraphSignature
 ) -> ExportGraphSignature:
-    """A copy of ``sig`` whose output names are those of ``new_gm``'s output node."""
-    out = new_gm.graph.output_node()
-    args = out.args[0]
-    flat = list(args) if isinstance(args, (tuple, list)) else [args]
-    if len(flat) != len(sig.output_specs):
-        raise ValueError(
-            f"hopkit.export: the graph returns {len(flat)} values but the graph "
-            f"signature has {len(sig.output_specs)} output specs; pass the signature "
-            f"that belongs to this graph, or None."
-        )
+    """A copy of ``sig`` whose output names are those of ``new_gm``'s output node.
+
+    The caller checked that the counts agree (``_check_signature_fits``).
+    """
     specs = []
-    for arg, spec in zip(flat, sig.output_specs):
+    for arg, spec in zip(_flat_outputs(new_gm), sig.output_specs):
         if isinstance(arg, torch.fx.Node) and getattr(spec.arg, "name", None) != arg.name:
             spec = dataclasses.replace(spec, arg=dataclasses.replace(spec.arg, name=arg.name))
         specs.append(spec)
@@ -748,18 +807,21 @@ def replace_autocast_with_hop_pass(
         through ``get_attr`` (e.g. bodies of other HOPs) are rewritten too.
 
     Raises:
+        TypeError: ``gm`` is not a GraphModule or ``graph_signature`` is neither
+            an ``ExportGraphSignature`` nor ``None`` (for an ExportedProgram
+            ``ep``, pass ``ep.graph_module, ep.graph_signature``).
         ValueError: naming the node, for an exit without an enter, an enter
             never exited, or an exit that closes a region other than the
-            innermost open one.
+            innermost open one; or a signature whose output specs do not
+            match the graph's outputs.
 
     See NOTE [Linear autocast pass] and NOTE [Redundant autocast regions].
     """
-    if not isinstance(gm, torch.fx.GraphModule):
-        raise TypeError(
-            f"hopkit.export.replace_autocast_with_hop_pass: expected a torch.fx.GraphModule, "
-            f"but got {type(gm).__name__}; trace the function first, e.g. with "
-            f"make_fx(f, pre_dispatch=True)."
-        )
+    _check_pass_args("replace_autocast_with_hop_pass", gm, graph_signature)
+    if not _has_autocast(gm):
+        return gm, graph_signature
+    if graph_signature is not None:
+        _check_signature_fits("replace_autocast_with_hop_pass", gm, graph_signature)
     new_gm = _rewrite_module(gm, {})
     if new_gm is gm:
         return gm, graph_signature
