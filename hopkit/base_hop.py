@@ -163,7 +163,7 @@ class BaseHOP(HigherOrderOperator):
 
     # -- calling ------------------------------------------------------------
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
         n = self._num_leading
         if len(args) <= n:
             raise TypeError(
@@ -188,6 +188,8 @@ class BaseHOP(HigherOrderOperator):
                 f"inside torch.compile."
             )
         _check_operands(self, args[n + 1 :])
+        if kwargs:
+            _check_config_names(self, kwargs)
         if self._fast_path and _compat.is_plain_eager(args[n + 1 :]):
             # NOTE [BaseHOP plain-eager fast path]
             return base_hop_dense(self, *args, **kwargs)
@@ -215,7 +217,7 @@ class BaseHOP(HigherOrderOperator):
             self._fast_path = False
         return super().py_impl(k)
 
-    def gen_schema(self, *args: Any, **kwargs: Any) -> torch._C.FunctionSchema:
+    def gen_schema(self, /, *args: Any, **kwargs: Any) -> torch._C.FunctionSchema:
         """The schema of one call, with mutated operands annotated.
 
         ``my_hop(Any subgraph, Tensor(a1!) arg0, Tensor arg1, *,
@@ -296,6 +298,24 @@ def _check_operands(hop: BaseHOP, operands: Sequence[Any]) -> None:
             )
 
 
+# torch's own HOP dispatch (torch/_ops.py, 2.11-2.15) calls functionalization
+# rules as fn(mode, *args, **kwargs) and fn(interpreter, *args, **kwargs), so a
+# keyword argument of either name collides there, whatever hopkit does.
+_RESERVED_CONFIG_NAMES = frozenset({"mode", "interpreter"})
+
+
+def _check_config_names(hop: BaseHOP, kwargs: dict[str, Any]) -> None:
+    clash = sorted(_RESERVED_CONFIG_NAMES.intersection(kwargs))
+    if clash:
+        raise TypeError(
+            f"hopkit: {hop._name}'s configuration may not be named {clash[0]!r}: "
+            f"torch's higher-order-operator dispatch passes an argument of that "
+            f"name to functionalization rules itself, so the call would fail under "
+            f"torch.compile and torch.func.functionalize; rename it (e.g. "
+            f"{clash[0]}_={kwargs[clash[0]]!r})."
+        )
+
+
 def _check_new_hop_name(cls: type, name: str) -> None:
     """Refuse a name taken by another HOP before anything is registered."""
     if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
@@ -334,7 +354,7 @@ def _check_new_hop_name(cls: type, name: str) -> None:
 # ---------------------------------------------------------------------------
 
 
-def base_hop_dense(hop: BaseHOP, *args: Any, **kwargs: Any) -> Any:
+def base_hop_dense(hop: BaseHOP, /, *args: Any, **kwargs: Any) -> Any:
     """subgraph(*operands), refusing outputs that alias operands or each other."""
     leading, subgraph, operands = hop._split(args)
     if not hop._has_context and isinstance(subgraph, torch.fx.GraphModule) and _is_internal(subgraph):
@@ -400,7 +420,7 @@ def _check_no_output_aliasing(hop: BaseHOP, operands: Sequence[Any], out: Any) -
 # ---------------------------------------------------------------------------
 
 
-def base_hop_autograd(hop: BaseHOP, *args: Any, **kwargs: Any) -> Any:
+def base_hop_autograd(hop: BaseHOP, /, *args: Any, **kwargs: Any) -> Any:
     """Differentiable call: the partitioned forward graph now, its backward later.
 
     See NOTE [BaseHOP autograd: one joint trace, partitioned].
@@ -731,7 +751,7 @@ def _recompute_backward(plan: _AutogradPlan) -> tuple[torch.fx.GraphModule, tupl
 # ---------------------------------------------------------------------------
 
 
-def base_hop_functionalize(hop: BaseHOP, ctx: Any, *args: Any, **kwargs: Any) -> Any:
+def base_hop_functionalize(hop: BaseHOP, ctx: Any, /, *args: Any, **kwargs: Any) -> Any:
     """Call a functional subgraph; write mutated operands back to the caller.
 
     See NOTE [BaseHOP input mutation] and NOTE [Operands that alias each other].
@@ -942,7 +962,7 @@ def _views_of_flat(group: _AliasingGroup, flat: torch.Tensor) -> list[torch.Tens
 # ---------------------------------------------------------------------------
 
 
-def base_hop_fake(hop: BaseHOP, mode: FakeTensorMode, *args: Any, **kwargs: Any) -> Any:
+def base_hop_fake(hop: BaseHOP, mode: FakeTensorMode, /, *args: Any, **kwargs: Any) -> Any:
     """The dense rule on fake tensors: output metadata, nothing runs."""
     leading, subgraph, operands = hop._split(args)
     with mode:
@@ -957,7 +977,7 @@ def base_hop_fake(hop: BaseHOP, mode: FakeTensorMode, *args: Any, **kwargs: Any)
 # ---------------------------------------------------------------------------
 
 
-def base_hop_proxy(hop: BaseHOP, mode: ProxyTorchDispatchMode, *args: Any, **kwargs: Any) -> Any:
+def base_hop_proxy(hop: BaseHOP, mode: ProxyTorchDispatchMode, /, *args: Any, **kwargs: Any) -> Any:
     """One call node; the subgraph traced into a submodule of the root."""
     from torch._higher_order_ops.utils import reenter_make_fx
     from torch.fx.experimental.proxy_tensor import track_tensor_tree
@@ -1018,7 +1038,7 @@ def _fresh_attr_name(root: torch.nn.Module, prefix: str) -> str:
 # ---------------------------------------------------------------------------
 
 
-def base_hop_inductor(hop: BaseHOP, *args: Any, **kwargs: Any) -> Any:
+def base_hop_inductor(hop: BaseHOP, /, *args: Any, **kwargs: Any) -> Any:
     """Lower into the surrounding graph: fuse a pointwise body, else inline it."""
     leading, subgraph, operands = hop._split(args)
     gm = subgraph.graph_module

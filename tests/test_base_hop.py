@@ -1129,3 +1129,30 @@ def test_subgraph_returning_nothing(result: Any, mode: str) -> None:
         torch._dynamo.reset()
         out = torch.compile(lambda t: invoke_quant(lambda u: result, t), backend=mode)(a)
     assert out == result
+
+
+@pytest.mark.parametrize("mode", ["eager", "make_fx", "aot_eager"])
+def test_config_keys_that_are_parameter_names_of_the_rules(mode: str) -> None:
+    # Config named like a rule's own parameter (self, hop, ctx, args) is
+    # configuration like any other, not a clash inside hopkit.
+    config = {"self": 1, "hop": 2.0, "ctx": None, "args": "a"}
+    body = hopkit.FunctionWithNoFreeVars(lambda t: (t * 2,))
+    x = torch.randn(3)
+    if mode == "eager":
+        out = invoke_quant(body, x, **config)[0]
+    elif mode == "make_fx":
+        gm = make_fx(lambda t: invoke_quant(body, t, **config)[0], tracing_mode="fake")(x)
+        (node,) = [n for n in gm.graph.nodes if n.target is invoke_quant]
+        assert node.kwargs == config
+        out = gm(x)
+    else:
+        torch._dynamo.reset()
+        out = torch.compile(lambda t: invoke_quant(lambda u: (u * 2,), t, **config)[0],
+                            backend=mode, fullgraph=True)(x)
+    torch.testing.assert_close(out, x * 2)
+
+
+def test_error_config_names_torch_dispatch_reserves() -> None:
+    body = hopkit.FunctionWithNoFreeVars(lambda t: (t * 2,))
+    assert_expected_inline(error_of(lambda: invoke_quant(body, torch.randn(2), mode="fast"), TypeError), """\
+hopkit: hopkit_test_invoke_quant's configuration may not be named 'mode': torch's higher-order-operator dispatch passes an argument of that name to functionalization rules itself, so the call would fail under torch.compile and torch.func.functionalize; rename it (e.g. mode_='fast').""")
