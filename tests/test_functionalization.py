@@ -388,7 +388,7 @@ METHOD_EXAMPLES: dict[Any, tuple[tuple[Any, ...], int | None]] = {
 
 @pytest.mark.parametrize("op", list(METHOD_EXAMPLES), ids=str)
 def test_tensor_method_table_dispatches_exactly_the_op(op: Any) -> None:
-    from hopkit.functionalization._view_meta import _TENSOR_METHODS
+    from hopkit.functionalization._tensor_methods import _TENSOR_METHODS
 
     assert set(_TENSOR_METHODS) == set(METHOD_EXAMPLES)
     args, out_index = METHOD_EXAMPLES[op]
@@ -418,7 +418,7 @@ OUTPUT_COUNT_EXAMPLES: dict[Any, tuple[Any, ...]] = {
 
 @pytest.mark.parametrize("op", list(OUTPUT_COUNT_EXAMPLES), ids=str)
 def test_out_index_checked_at_construction_where_the_args_fix_the_count(op: Any) -> None:
-    from hopkit.functionalization._view_meta import _OUTPUT_COUNTS
+    from hopkit.functionalization._checks import _OUTPUT_COUNTS
 
     assert set(_OUTPUT_COUNTS) == set(OUTPUT_COUNT_EXAMPLES)
     args = OUTPUT_COUNT_EXAMPLES[op]
@@ -505,7 +505,7 @@ REVERSE_EXAMPLES: dict[Any, tuple[Callable[[], torch.Tensor], tuple[Any, ...], i
 
 
 def test_reverse_examples_cover_every_inverse_rule() -> None:
-    from hopkit.functionalization._view_meta import _REVERSE_RULES
+    from hopkit.functionalization._inverse_rules import _REVERSE_RULES
 
     assert set(_REVERSE_RULES) <= set(REVERSE_EXAMPLES)
 
@@ -859,6 +859,20 @@ def test_pickle_round_trip() -> None:
     assert hash(back[0]) == hash(recorded[0])
 
 
+def test_unpickle_a_pickle_written_by_the_single_module_layout() -> None:
+    # Written when ViewMeta and ViewGeometry both lived in _view_meta.py: the
+    # stream names hopkit.functionalization._view_meta._unpickle_view_meta and
+    # ..._view_meta.ViewGeometry, which must keep resolving.
+    old = (
+        b"\x80\x04\x95\x97\x00\x00\x00\x00\x00\x00\x00\x8c#hopkit.functionalization._view_meta"
+        b"\x94\x8c\x13_unpickle_view_meta\x94\x93\x94(\x8c\x12aten::slice.Tensor\x94(K\x00K\x01"
+        b"K\x03K\x01t\x94}\x94Nh\x00\x8c\x0cViewGeometry\x94\x93\x94(K\x04K\x06\x86\x94K\x06K"
+        b"\x01\x86\x94K\x00K\x02K\x06\x86\x94h\tK\x06t\x94\x81\x94t\x94R\x94."
+    )
+    geometry = ViewGeometry((4, 6), (6, 1), 0, (2, 6), (6, 1), 6)
+    assert pickle.loads(old) == ViewMeta(aten.slice.Tensor, (0, 1, 3), geometry=geometry)
+
+
 def test_unpickle_unknown_op_replays_through_verified_as_strided() -> None:
     base = torch.randn(4, 5)
     meta = ViewMeta(aten.slice.Tensor, (0, 1, 3)).recorded(base)
@@ -1069,6 +1083,72 @@ def test_geometry_cache_is_skipped_under_autograd_and_modes() -> None:
     with FakeTensorMode():
         fake = torch.empty(4, 5)
         assert apply_view_meta_sequence(fake, metas).shape == (5,)
+
+
+def test_module_imports_flow_one_way() -> None:
+    # Every import statement of hopkit/functionalization, at module level, in a
+    # function or under TYPE_CHECKING: its modules form no cycle, only
+    # _torchgen imports torchgen, and of the rest of hopkit only the bottom
+    # layer (hopkit._compat, hopkit._dispatch) is imported.
+    import ast
+    import graphlib
+    import pathlib
+
+    pkg = pathlib.Path(hf.__file__).parent
+    modules = {p.stem for p in pkg.glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for path in sorted(pkg.glob("*.py")):
+        deps = graph.setdefault(path.stem, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                assert node.level == 0 and node.module, f"{path.name}: relative import"
+                names = [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            for name in names:
+                parts = name.split(".")
+                if parts[0] == "torchgen":
+                    assert path.stem == "_torchgen", f"{path.name} imports {name}"
+                elif parts[:2] == ["hopkit", "functionalization"]:
+                    # a name re-exported by the package itself counts as __init__
+                    deps.add(parts[2] if parts[2] in modules else "__init__")
+                elif parts[0] == "hopkit":
+                    assert ".".join(parts[:2]) in {"hopkit._compat", "hopkit._dispatch"}, (
+                        f"{path.name} imports {name}"
+                    )
+    graphlib.TopologicalSorter(graph).prepare()  # raises CycleError, naming the cycle
+
+
+@pytest.mark.parametrize(
+    "make_batch, in_dims",
+    [
+        (lambda: torch.randn(3, 8, 6), 0),
+        (lambda: torch.randn(8, 3, 6), 1),
+        (lambda: torch.randn(6, 8, 3).permute(2, 1, 0), 0),
+    ],
+    ids=["batch-dim-0", "batch-dim-1", "per-example-transposed"],
+)
+def test_replay_under_vmap_matches_torch_and_skips_the_geometry_cache(
+    make_batch: Callable[[], torch.Tensor], in_dims: int
+) -> None:
+    # A vmap-batched base is not a plain tensor (hopkit._dispatch's
+    # nothing_intercepts_dispatch): replay runs op by op through vmap's
+    # batching rules and neither reads nor fills the geometry cache.
+    def view_fn(t: torch.Tensor) -> torch.Tensor:
+        return t[2:7].t()[1:4].select(1, 2)
+
+    xs = make_batch()
+    metas = record_view_metas(xs.select(in_dims, 0), view_fn)
+    for _ in range(2):
+        out = torch.vmap(lambda t: apply_view_meta_sequence(t, metas), in_dims=in_dims)(xs)
+        _same_view(out, torch.vmap(view_fn, in_dims=in_dims)(xs))
+    assert not any(m._geometry_cache for m in metas)
+    apply_view_meta_sequence(xs.select(in_dims, 0), metas)  # plain eager does fill it
+    assert all(m._geometry_cache for m in metas)
+    out = torch.vmap(lambda t: apply_view_meta_sequence(t, metas), in_dims=in_dims)(xs)
+    _same_view(out, torch.vmap(view_fn, in_dims=in_dims)(xs))
 
 
 # ---------------------------------------------------------------------------

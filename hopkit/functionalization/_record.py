@@ -1,5 +1,6 @@
 """record_view_metas: the view ops by which a function views its input.
 
+Holds :func:`record_view_metas` and the dispatch mode it records with.
 ``fn`` runs once on a meta-device stand-in for ``base`` (same sizes,
 strides, storage offset, dtype and conj/neg bits) under a dispatch mode that
 follows every tensor derived from the stand-in by view ops. Running on a
@@ -7,7 +8,8 @@ stand-in with the caller's modes switched off means recording works the same
 in eager, under FakeTensorMode, make_fx and (torch.func.)functionalize, and
 leaves nothing in an enclosing trace. Composite views (``chunk``,
 ``narrow``, indexing) reach the mode as the primitive views they decompose
-into, as in torch's own functionalization.
+into, as in torch's own functionalization. Each ViewMeta carries the geometry
+its view had (NOTE [Verified as_strided fallback] in _as_strided.py).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-from hopkit.functionalization._view_meta import ViewGeometry, ViewMeta
+from hopkit.functionalization._geometry import ViewGeometry
+from hopkit.functionalization._view_meta import ViewMeta
 
 __all__ = ["record_view_metas"]
 
@@ -86,6 +89,18 @@ def _stand_in(base: torch.Tensor) -> torch.Tensor:
 def record_view_metas(
     base: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]
 ) -> list[ViewMeta]:
+    """The view ops by which ``fn(base)`` views ``base``, as ViewMetas.
+
+    ``record_view_metas(x, lambda t: t[0].t())`` gives
+    ``[ViewMeta(aten.select.int, (0, 0)), ViewMeta(aten.t.default, ())]``.
+    ``fn`` runs once on a meta-device stand-in with ``base``'s layout and
+    must pick its views from shapes only; it works the same in eager and
+    under fake tensors, make_fx and functionalization, and adds nothing to an
+    enclosing trace. Composite views (``chunk``, ``narrow``, indexing) are
+    recorded as the primitive views they decompose into. Each ViewMeta
+    carries the geometry it had, so replay can fall back to a verified
+    as_strided.
+    """
     if not isinstance(base, torch.Tensor):
         raise TypeError(
             f"hopkit: record_view_metas needs a Tensor base, but got {type(base).__name__}."

@@ -5,24 +5,27 @@ built from, and expose through ``as_tuple()``, the tuple
 ``base_ctor_arguments(func) + attributes(func)`` of the naming API in
 :mod:`._naming`; this module uses that layout to convert both ways (e.g.
 the sequences torch's functionalization keeps,
-``torch._C._functionalization.get_view_meta_sequence(t)``).
-
-Imported lazily: only conversions need it.
+``torch._C._functionalization.get_view_meta_sequence(t)``). It implements
+``ViewMeta.to_torch`` and ``ViewMeta.from_torch``; it sees the ViewMeta it
+converts through :class:`._protocol.ViewMetaLike` and builds one by calling
+the class it is given, so that it need not import the class.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch._ops import OpOverload
 
 from hopkit.functionalization._naming import attributes, base_ctor_arguments, classname
+from hopkit.functionalization._ops import _find_overload
+from hopkit.functionalization._protocol import ViewMetaLike
 from hopkit.functionalization._torchgen import FunctionSchema, parse_schema
 
-if TYPE_CHECKING:
-    from hopkit.functionalization._view_meta import ViewMeta
+_M = TypeVar("_M")
 
 _F: Any = torch._C._functionalization  # no type stubs for the generated classes
 
@@ -41,7 +44,7 @@ def _layout(op: OpOverload) -> list[str]:
     return [b.name for b in base_ctor_arguments(func) + attributes(func)]
 
 
-def to_torch(meta: ViewMeta, reapply_views: bool, inverse_return_mode: Any) -> Any:
+def to_torch(meta: ViewMetaLike, reapply_views: bool, inverse_return_mode: Any) -> Any:
     if meta.op is None:
         raise ValueError(
             f"hopkit: {meta!r} has no operator in this process, so it has no torch "
@@ -70,7 +73,7 @@ def to_torch(meta: ViewMeta, reapply_views: bool, inverse_return_mode: Any) -> A
     return cls(tuple(_to_torch_value(values[n]) for n in _layout(meta.op)))
 
 
-def from_torch(cls: type[ViewMeta], torch_view_meta: object) -> ViewMeta:
+def from_torch(cls: Callable[..., _M], torch_view_meta: object) -> _M:
     name = type(torch_view_meta).__name__
     if not isinstance(torch_view_meta, _F.ViewMeta):
         raise TypeError(
@@ -94,8 +97,6 @@ def from_torch(cls: type[ViewMeta], torch_view_meta: object) -> ViewMeta:
     kwargs = {a.name: values[a.name] for a in schema_args if a.kwarg_only}
     out_index = values.get("out_index")
     if op._schema.is_mutable:
-        from hopkit.functionalization._view_meta import _find_overload
-
         base_name = op._schema.name.split("::", 1)[1]
         out_of_place = _find_overload(op.namespace, base_name.rstrip("_"), op)
         if out_of_place is None:

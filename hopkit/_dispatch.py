@@ -1,0 +1,89 @@
+"""The one predicate "nothing intercepts dispatch", shared by every fast path.
+
+hopkit has three fast paths that skip torch's dispatcher when doing so cannot
+change the result: BaseHOP's plain-eager call (NOTE [BaseHOP plain-eager fast
+path] in hopkit/base_hop/__init__.py), the eager replay of ViewMeta sequences as one
+``as_strided`` (NOTE [Geometry cache for eager replay] in
+hopkit/functionalization), and ``with_effects`` on real tensors. Each is
+correct only where a plain call of a torch op would run the dense kernel
+directly; this module answers that question once, so the three cannot
+disagree (a vmap-batched tensor, a FunctionalTensor, a subclass or an active
+mode makes every one of them take the dispatcher).
+
+It imports nothing from hopkit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+__all__ = ["nothing_intercepts_dispatch"]
+
+# Dispatch keys a plain dense tensor carries; a tensor with any other key
+# (Python, Functionalize, FuncTorchBatched, Sparse, Nested, Conjugate, ...)
+# takes the dispatcher. The names are the same in torch 2.11-2.15.
+_PLAIN_KEYS = frozenset({
+    "CPU", "CUDA", "ADInplaceOrView", "AutogradCPU", "AutogradCUDA",
+    "AutocastCPU", "AutocastCUDA",
+})
+_plain_keysets: dict[int, bool] = {}
+
+# Bound once: these run for every call on a fast path.
+_dispatch_keys = torch._C._dispatch_keys
+_len_dispatch_stack = torch._C._len_torch_dispatch_stack
+# A pre-dispatch mode (make_fx(pre_dispatch=True)) includes the PreDispatch key
+# in TLS while it is pushed; asking TLS is a C call, the mode stack is Python.
+_tls_included = torch._C._dispatch_tls_is_dispatch_key_included
+_PRE_DISPATCH = torch._C.DispatchKey.PreDispatch
+_torch_function_mode_on = torch._C._is_torch_function_mode_enabled
+_peek_interpreter = torch._C._functorch.peek_interpreter_stack
+_has_torch_function = torch._C._has_torch_function
+_Tensor = torch.Tensor
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)  # no __torch_function__ of their own
+
+
+def _keyset_is_plain(keys: Any) -> bool:
+    raw = keys.raw_repr()
+    plain = _plain_keysets.get(raw)
+    if plain is None:
+        names = str(keys)[len("DispatchKeySet("):-1].split(", ")
+        plain = _plain_keysets[raw] = set(names) <= _PLAIN_KEYS
+    return plain
+
+
+def nothing_intercepts_dispatch(values: Iterable[Any]) -> bool:
+    """Whether a torch op called on ``values`` would run the dense kernel directly.
+
+    True when no torch dispatch mode (also none at pre-dispatch, as
+    ``make_fx(pre_dispatch=True)`` pushes), no ``__torch_function__`` mode, no
+    functorch transform (vmap, grad, jvp, functionalize) is active, and every
+    tensor among ``values`` is a plain dense CPU or CUDA tensor: no Python
+    subclass, no functional, batched, sparse, nested, conjugated or negated
+    tensor. Non-tensor values are ignored; nested lists and tuples are looked
+    into.
+    """
+    if (
+        _len_dispatch_stack()
+        or _tls_included(_PRE_DISPATCH)
+        or _torch_function_mode_on()
+        or _peek_interpreter() is not None
+    ):
+        return False
+    return _all_plain(values)
+
+
+def _all_plain(values: Iterable[Any]) -> bool:
+    for v in values:
+        if isinstance(v, _Tensor):
+            if not _keyset_is_plain(_dispatch_keys(v)):
+                return False
+            # A subclass with only __torch_function__ carries no Python key.
+            if type(v) not in _PLAIN_TYPES and _has_torch_function((v,)):
+                return False
+        elif type(v) is list or type(v) is tuple:
+            if not _all_plain(v):
+                return False
+    return True
