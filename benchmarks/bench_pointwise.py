@@ -13,6 +13,15 @@ with Inductor three ways:
 Part (b): a chain of 12 cheap ops (3 x add, mul, relu, where) on
 ``--numel-b`` elements: eager vs compiled inline vs compiled hopkit HOP.
 
+Part (c): compile time of a chain of ``--chain`` (default 16; a comma list
+measures several) calls of a pointwise HOP whose body reads an operand
+twice, ``x = H(lambda t, u: ((t * u).tanh() + t,), x, w)[0]``, against the
+same chain inlined, through a hopkit HOP with ``inductor_mode = "inline"``
+and through torch's ``InvokeQuant``, each first call in a fresh process as
+below.
+Fused lowering must cost what inlining costs at every chain length (issue:
+compile time used to double with each call).
+
 Each variant's generated kernels are counted and compared with the inline
 chain's ("same as inline": byte-identical kernel source), results are checked
 against eager, and steady-state times are taken with ``torch.utils.benchmark`` in
@@ -30,6 +39,7 @@ the peak bandwidth (``--peak-gbps``).
 
     python benchmarks/bench_pointwise.py
     python benchmarks/bench_pointwise.py --numel-a 1048576 --numel-b 4194304 --rounds 5
+    python benchmarks/bench_pointwise.py --parts c --chain 8,12,16,20
 """
 
 from __future__ import annotations
@@ -60,7 +70,15 @@ class BenchPointwiseHOP(hopkit.BaseHOP):
         super().__init__("hopkit_bench_pointwise")
 
 
+class BenchInlineHOP(hopkit.BaseHOP):
+    inductor_mode = "inline"
+
+    def __init__(self) -> None:
+        super().__init__("hopkit_bench_pointwise_inline")
+
+
 pointwise_hop = BenchPointwiseHOP()
+inline_hop = BenchInlineHOP()
 
 
 def chain6(x: torch.Tensor) -> tuple[torch.Tensor]:
@@ -83,8 +101,43 @@ def chain12(x: torch.Tensor) -> tuple[torch.Tensor]:
     return (y,)
 
 
-def make_variants(part: str) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+def chain_body(t: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor]:
+    return ((t * u).tanh() + t,)
+
+
+def make_chain_variants(calls: int) -> dict[str, Callable[..., torch.Tensor]]:
+    """Part (c): ``calls`` chained calls of ``chain_body``, three ways."""
+
+    def inline_c(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        for _ in range(calls):
+            x = chain_body(x, w)[0]
+        return x
+
+    def hopkit_c(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        for _ in range(calls):
+            x = pointwise_hop(chain_body, x, w)[0]
+        return x
+
+    def hopkit_inline_c(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        for _ in range(calls):
+            x = inline_hop(chain_body, x, w)[0]
+        return x
+
+    invoke_quant = torch._higher_order_ops.InvokeQuant()
+
+    def invoke_quant_c(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        for _ in range(calls):
+            x = invoke_quant(chain_body, x, w, scheme="nf4")[0]
+        return x
+
+    return {"inline": inline_c, "hopkit": hopkit_c, "hopkit_inline": hopkit_inline_c,
+            "invoke_quant": invoke_quant_c}
+
+
+def make_variants(part: str, calls: int = 16) -> dict[str, Callable[..., torch.Tensor]]:
     """The functions to compare, each a fresh function object."""
+    if part == "c":
+        return make_chain_variants(calls)
     if part == "a":
         invoke_quant = torch._higher_order_ops.InvokeQuant()
 
@@ -136,7 +189,7 @@ def measure(
     return times
 
 
-def compile_child(part: str, variant: str, numel: int, device: str) -> None:
+def compile_child(part: str, variant: str, numel: int, device: str, calls: int) -> None:
     """In a fresh process: warm Inductor up on an unrelated function (imports,
     worker pools), then time the first call of the variant: Dynamo, AOT,
     lowering and kernel compilation. ``variant == "warmup"`` only warms up."""
@@ -144,38 +197,47 @@ def compile_child(part: str, variant: str, numel: int, device: str) -> None:
     torch.compile(lambda t: (t.cos() * 3).sum(), backend="inductor")(x)
     if variant == "warmup":
         return
-    fn = torch.compile(make_variants(part)[variant], backend="inductor", fullgraph=True)
+    inputs = (x, torch.randn(numel, device=device)) if part == "c" else (x,)
+    fn = torch.compile(make_variants(part, calls)[variant], backend="inductor", fullgraph=True)
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    fn(x)
+    fn(*inputs)
     if device == "cuda":
         torch.cuda.synchronize()
     print(json.dumps({"first_call_s": time.perf_counter() - start}))
 
 
-def _child(part: str, variant: str, numel: int, device: str, cache: str) -> str:
+def _child(part: str, variant: str, numel: int, device: str, cache: str, calls: int,
+           timeout: float | None = None) -> str:
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
     return subprocess.run(
         [sys.executable, __file__, "--compile-child", part, variant,
-         "--numel-a", str(numel), "--device", device],
-        capture_output=True, text=True, env=env, check=True,
+         "--numel-a", str(numel), "--device", device, "--chain", str(calls)],
+        capture_output=True, text=True, env=env, check=True, timeout=timeout,
     ).stdout
 
 
-def compile_times(part: str, variants: list[str], numel: int, device: str, repeats: int) -> dict[str, float]:
+def compile_times(part: str, variants: list[str], numel: int, device: str, repeats: int,
+                  calls: int = 16, timeout: float | None = None) -> dict[str, float]:
     """Median first-call seconds per variant. Each run gets its own copy of a
     cache that holds only the warm-up (C++ headers and the like), so no
-    variant finds another's kernels there."""
+    variant finds another's kernels there. A run past ``timeout`` seconds
+    counts as ``inf``."""
     out: dict[str, list[float]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as root:
         warm = os.path.join(root, "warm")
-        _child(part, "warmup", numel, device, warm)
+        _child(part, "warmup", numel, device, warm, calls)
         for r in range(repeats):
             for i, variant in enumerate(variants if r % 2 == 0 else list(reversed(variants))):
                 cache = os.path.join(root, f"run{r}_{i}")
                 shutil.copytree(warm, cache)
-                stdout = _child(part, variant, numel, device, cache)
+                try:
+                    stdout = _child(part, variant, numel, device, cache, calls, timeout)
+                except subprocess.TimeoutExpired:
+                    out[variant].append(float("inf"))
+                    shutil.rmtree(cache, ignore_errors=True)
+                    continue
                 out[variant].append(json.loads(stdout.strip().splitlines()[-1])["first_call_s"])
                 shutil.rmtree(cache, ignore_errors=True)
     return {v: statistics.median(ts) for v, ts in out.items()}
@@ -250,6 +312,33 @@ def run_part(part: str, numel: int, args: argparse.Namespace, with_eager: bool) 
               f"{min(times['hopkit']) / min(times['inline']):.3f}x (minimums)")
 
 
+def run_chain(args: argparse.Namespace) -> None:
+    """Part (c): compile time of chains of pointwise HOP calls vs inlined."""
+    lengths = [int(n) for n in str(args.chain).split(",")]
+    print("\n(c) compile time of a chain of N calls "
+          "x = H(lambda t, u: ((t * u).tanh() + t,), x, w)[0] "
+          f"on {args.numel_c} float32\n    (first call, fresh process, median of "
+          f"{args.compile_repeats}; timeout {args.chain_timeout:.0f}s)")
+    variants = list(make_chain_variants(1))
+    print(f"{'N':>4}{'kernels (inline/hopkit)':>25}" + "".join(f"{v + ' s':>17}" for v in variants)
+          + "".join(f"{v + ' vs inline':>25}" for v in variants[1:]))
+    for calls in lengths:
+        torch._dynamo.reset()
+        x = torch.randn(args.numel_c, device=args.device)
+        w = torch.randn(args.numel_c, device=args.device)
+        fns = make_chain_variants(calls)
+        counts = []
+        for name in ("inline", "hopkit"):
+            compiled = torch.compile(fns[name], backend="inductor", fullgraph=True)
+            out, codes = run_and_get_code(compiled, x, w)
+            torch.testing.assert_close(out, fns["inline"](x, w))
+            counts.append(str(len(kernel_sources("\n".join(codes)))))
+        secs = compile_times("c", variants, args.numel_c, args.device, args.compile_repeats,
+                             calls=calls, timeout=args.chain_timeout)
+        print(f"{calls:>4}{'/'.join(counts):>25}" + "".join(f"{secs[v]:>17.2f}" for v in variants)
+              + "".join(f"{secs[v] / secs['inline']:>24.2f}x" for v in variants[1:]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--numel-a", type=int, default=4 * 1024 * 1024)
@@ -261,14 +350,20 @@ def main() -> None:
     parser.add_argument("--skip-compile-time", action="store_true")
     parser.add_argument("--peak-gbps", type=float, default=None,
                         help="device peak memory bandwidth, for the fraction-of-peak column")
-    parser.add_argument("--parts", default="a,b")
+    parser.add_argument("--parts", default="a,b,c")
+    parser.add_argument("--chain", default="16",
+                        help="part (c): chain lengths, comma-separated (e.g. 8,12,16,20)")
+    parser.add_argument("--numel-c", type=int, default=1024, help="part (c): elements per input")
+    parser.add_argument("--chain-timeout", type=float, default=600.0,
+                        help="part (c): seconds before a compile counts as inf")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads for the timed runs (CPU)")
     parser.add_argument("--compile-child", nargs=2, metavar=("PART", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.compile_child:
-        compile_child(args.compile_child[0], args.compile_child[1], args.numel_a, args.device)
+        compile_child(args.compile_child[0], args.compile_child[1], args.numel_a, args.device,
+                      int(str(args.chain).split(",")[0]))
         return
 
     if args.threads is not None:
@@ -284,6 +379,8 @@ def main() -> None:
         run_part("a", args.numel_a, args, with_eager=False)
     if "b" in parts:
         run_part("b", args.numel_b, args, with_eager=True)
+    if "c" in parts:
+        run_chain(args)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ Two kinds of tests:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import logging
@@ -22,6 +23,7 @@ from unittest import mock
 
 import expecttest
 import pytest
+import sympy
 import torch
 from torch._inductor import ir
 from torch._inductor.decomposition import select_decomp_table
@@ -117,6 +119,27 @@ class EvalHandler(DefaultHandler):
 
     def masked(self, mask: Any, body: Callable[[], Any], other: Any) -> Any:
         return body() if bool(mask) else torch.tensor(other)
+
+
+class CountingHandler(DefaultHandler):
+    """An ops handler that counts the ops an inner function evaluates."""
+
+    def __init__(self) -> None:
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def _default(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        self.counts[name] += 1
+        return name
+
+
+def evaluated_ops(box: Any) -> collections.Counter[str]:
+    """The ops one evaluation of ``box``'s loader runs, with repeats: a value
+    read twice is computed twice unless it was realized."""
+    handler = CountingHandler()
+    index = [sympy.Symbol(f"i{d}", integer=True) for d in range(len(box.get_size()))]
+    with V.set_ops_handler(handler), mock.patch.object(ir.FlexibleLayout, "allow_indexing", True):
+        box.make_loader()(index)
+    return handler.counts
 
 
 def kernels(code: str) -> list[str]:
@@ -354,6 +377,122 @@ class TestPointwiseSubgraphLowering(expecttest.TestCase):
                 """hopkit: the subgraph takes 1 inputs (t), but 2 were given to PointwiseSubgraphLowering.run.""",
             )
 
+    def test_bad_arguments_are_refused_at_the_entry_point(self) -> None:
+        x = torch.randn(4)
+        with lowering_context(x) as (graph, (a,), fakes):
+            sub = trace(lambda t: (t * 2,), *fakes)
+            before = len(graph.buffers), len(graph.operations)
+            self.assertExpectedRaisesInline(
+                TypeError,
+                lambda: PointwiseSubgraphLowering(sub, None),  # type: ignore[arg-type]
+                """hopkit: PointwiseSubgraphLowering needs root_graph_lowering to be the GraphLowering being lowered, but got None; pass V.graph from inside an Inductor lowering.""",
+            )
+            self.assertExpectedRaisesInline(
+                TypeError,
+                lambda: PointwiseSubgraphLowering(sub, graph, allowed_mutations=5),
+                """hopkit: PointwiseSubgraphLowering needs allowed_mutations to be None or a set of ops, but got an int; pass e.g. allowed_mutations={torch.ops.aten.add_.Tensor}.""",
+            )
+            self.assertExpectedRaisesInline(
+                TypeError,
+                lambda: PointwiseSubgraphLowering(sub, graph, allowed_mutations=["add_"]),
+                """hopkit: PointwiseSubgraphLowering needs allowed_mutations to hold ops (OpOverloads or callables), but element 0 is a str; pass the ops whose mutations are intended, e.g. torch.ops.aten.add_.Tensor.""",
+            )
+            self.assertExpectedRaisesInline(
+                TypeError,
+                lambda: PointwiseSubgraphLowering(
+                    sub, graph, additional_lowerings=[1]  # type: ignore[arg-type]
+                ),
+                """hopkit: PointwiseSubgraphLowering needs additional_lowerings to be None or a dict mapping ops to lowering functions, but got a list; pass e.g. additional_lowerings={torch.ops.aten.relu.default: my_lowering}.""",
+            )
+            self.assertExpectedRaisesInline(
+                TypeError,
+                lambda: PointwiseSubgraphLowering(
+                    sub, graph, additional_lowerings={aten.relu.default: 1}  # type: ignore[dict-item]
+                ),
+                """hopkit: PointwiseSubgraphLowering needs additional_lowerings to map each op to a lowering function, but additional_lowerings[aten.relu.default] is an int; pass a callable taking the op's lowered arguments.""",
+            )
+            self.assertExpectedRaisesInline(
+                TypeError,
+                lambda: PointwiseSubgraphLowering(lambda t: (t * 2,), graph),  # type: ignore[arg-type]
+                """hopkit: PointwiseSubgraphLowering needs gm to be a torch.fx.GraphModule, but got a function; trace the function first (make_fx), or pass ir.Subgraph.graph_module for an Inductor subgraph.""",
+            )
+            self.assertExpectedRaisesInline(
+                TypeError,
+                lambda: PointwiseSubgraphLowering(
+                    ir.Subgraph(name="sub", graph_module=sub), graph  # type: ignore[arg-type]
+                ),
+                """hopkit: PointwiseSubgraphLowering needs gm to be a torch.fx.GraphModule, but got a Subgraph; pass its graph_module.""",
+            )
+            self.assertExpectedRaisesInline(
+                TypeError,
+                lambda: PointwiseSubgraphLowering(sub, graph).run(x),
+                """hopkit: PointwiseSubgraphLowering.run takes the subgraph's inputs as Inductor values (TensorBox, int, sympy.Expr), but input 0 (placeholder 't_1') is a torch.Tensor; pass the TensorBoxes the lowering received (V.graph.graph_inputs[name] for a graph input), not example tensors.""",
+            )
+            self.assertEqual((len(graph.buffers), len(graph.operations)), before)
+
+    def test_packets_stand_for_their_overloads(self) -> None:
+        x = torch.randn(4)
+        with lowering_context(x) as (graph, (a,), fakes):
+            sub = trace(lambda t: (torch.relu(t) * 2,), *fakes)
+            lowering = PointwiseSubgraphLowering(
+                sub,
+                graph,
+                allowed_mutations={aten.add_},
+                additional_lowerings={
+                    aten.relu: lowerings[aten.exp.default],
+                    aten.mul: lowerings[aten.maximum.default],
+                    aten.mul.Tensor: lowerings[aten.minimum.default],  # wins over its packet
+                },
+            )
+            assert lowering.allowed_mutations is not None
+            self.assertIn(aten.add_.Tensor, lowering.allowed_mutations)
+            lowering.run(a)
+            assert lowering.graph_outputs is not None
+            text = str(lowering.graph_outputs[0])
+            self.assertIn("ops.exp", text)
+            self.assertIn("ops.minimum", text)
+            self.assertNotIn("ops.relu", text)
+            self.assertNotIn("ops.maximum", text)
+
+    def test_chain_of_hops_computes_each_body_once(self) -> None:
+        # NOTE [Pointwise HOP bodies realize like the inlined body]: the body
+        # reads t twice, so without Inductor's realize-on-reuse each fused
+        # call computed the previous one twice: 2**12 sigmoids for 12 calls.
+        # Inlined, Inductor realizes each reused value (sigmoid is a heavy op
+        # on CPU in torch 2.11-2.15): one sigmoid per evaluation.
+        calls = 12
+        x, w = torch.randn(8), torch.randn(8)
+        with lowering_context(x, w) as (graph, (a, b), fakes):
+            body = trace(lambda t, u: ((t * u).sigmoid() + t,), *fakes)
+            before = len(graph.buffers)
+            out = a
+            for _ in range(calls):
+                (out,) = lower_hop_pointwise(None, body, [out, b])
+            self.assertTrue(unrealized(out))
+            self.assertEqual(evaluated_ops(out)["sigmoid"], 1)
+            # Each call's input but the graph's own was realized, as inlined.
+            self.assertEqual(len(graph.buffers) - before, calls - 1)
+
+    def test_reused_values_inside_one_body_are_realized(self) -> None:
+        # The same chain inside a single body: its reused values are realized
+        # in the root graph as GraphLowering.run_node would, and the body
+        # still fuses (its output is a fresh, unrealized Pointwise).
+        steps = 12
+        x, w = torch.randn(8), torch.randn(8)
+
+        def body(t: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor]:
+            for _ in range(steps):
+                t = (t * u).sigmoid() + t
+            return (t,)
+
+        with lowering_context(x, w) as (graph, (a, b), fakes):
+            sub = trace(body, *fakes)
+            before = len(graph.buffers)
+            (out,) = lower_hop_pointwise(fused_hop, sub, [a, b], require=True)
+            self.assertTrue(unrealized(out))
+            self.assertEqual(evaluated_ops(out)["sigmoid"], 1)
+            self.assertEqual(len(graph.buffers) - before, steps - 1)
+
     def test_hop_outputs_are_fresh_pointwise_nodes(self) -> None:
         # An output that is an operand, or a view of one, must not alias it.
         x = torch.randn(4, 8)
@@ -472,10 +611,46 @@ def inner_fn(input0):
             )
 
     def test_bad_inputs(self) -> None:
-        with self.assertRaisesRegex(TypeError, "InputDescriptor.dtype must be a torch.dtype"):
-            InputDescriptor("float32", torch.device("cpu"))  # type: ignore[arg-type]
+        self.assertExpectedRaisesInline(
+            TypeError,
+            lambda: InputDescriptor("float32", torch.device("cpu")),  # type: ignore[arg-type]
+            """hopkit: InputDescriptor.dtype must be a torch.dtype, but got 'float32'; pass e.g. torch.float32.""",
+        )
+        self.assertExpectedRaisesInline(
+            TypeError,
+            lambda: InputDescriptor(torch.float32, "no-such-device"),
+            """hopkit: InputDescriptor.device must be a torch.device or a device string, but got 'no-such-device'; pass e.g. torch.device("cpu").""",
+        )
+        sub = make_fx(lambda a, b: (a * b,))(torch.ones(()), torch.ones(()))
+        desc = InputDescriptor(torch.float32, torch.device("cpu"))
         with self.assertRaisesRegex(RuntimeError, "must be called while Inductor lowers a graph"):
-            lower_pointwise_subgraph(make_fx(lambda a: (a,))(torch.ones(())), [])
+            lower_pointwise_subgraph(sub, [desc, desc])
+        # Bad arguments are refused before V.graph is even looked at.
+        self.assertExpectedRaisesInline(
+            TypeError,
+            lambda: lower_pointwise_subgraph(lambda a, b: (a * b,), [desc, desc]),  # type: ignore[arg-type]
+            """hopkit: lower_pointwise_subgraph needs subgraph to be an ir.Subgraph or a torch.fx.GraphModule, but got a function; trace the function first (make_fx), or pass the ir.Subgraph Inductor gave the lowering.""",
+        )
+        self.assertExpectedRaisesInline(
+            TypeError,
+            lambda: lower_pointwise_subgraph(sub, desc),  # type: ignore[arg-type]
+            """hopkit: lower_pointwise_subgraph needs inputs to be a list with one entry per subgraph input (a_1, b_1), but got an InputDescriptor; pass e.g. [InputDescriptor(torch.float32, torch.device('cpu'))].""",
+        )
+        self.assertExpectedRaisesInline(
+            TypeError,
+            lambda: lower_pointwise_subgraph(sub, [desc, torch.ones(())]),  # type: ignore[list-item]
+            """hopkit: lower_pointwise_subgraph needs inputs[1] to be an InputDescriptor, an int or a sympy expression, but it is a torch.Tensor; describe it as InputDescriptor(torch.float32, torch.device('cpu')).""",
+        )
+        self.assertExpectedRaisesInline(
+            TypeError,
+            lambda: lower_pointwise_subgraph(sub, [desc, "b"]),  # type: ignore[list-item]
+            """hopkit: lower_pointwise_subgraph needs inputs[1] to be an InputDescriptor, an int or a sympy expression, but it is a str; describe a tensor input with InputDescriptor(dtype, device).""",
+        )
+        self.assertExpectedRaisesInline(
+            SubgraphLoweringException,
+            lambda: lower_pointwise_subgraph(sub, [desc]),
+            """hopkit: lower_pointwise_subgraph needs one input per subgraph input (2: a_1, b_1), but got 1; pass one InputDescriptor, int or sympy expression for each.""",
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -555,6 +730,79 @@ def test_full_where_and_constant_indexing_fuse(device: str) -> None:
     out, code = compile_and_code(f, x)
     assert len(kernels(code)) == 1, kernels(code)
     torch.testing.assert_close(out, body(x)[0] * 3)
+
+
+def _chain_body(t: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor]:
+    return ((t * u).tanh() + t,)
+
+
+def test_chain_of_hops_compiles_like_the_inline_chain(device: str) -> None:
+    # NOTE [Pointwise HOP bodies realize like the inlined body]
+    x, w = torch.randn(8, device=device), torch.randn(8, device=device)
+
+    def f(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        for _ in range(4):
+            x = pointwise_hop(_chain_body, x, w)[0]
+        return x
+
+    def inline(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        for _ in range(4):
+            x = _chain_body(x, w)[0]
+        return x
+
+    with spy_fusion() as fused:
+        out, code = compile_and_code(f, x, w)
+    assert fused == [True] * 4
+    torch.testing.assert_close(out, inline(x, w))
+    torch._dynamo.reset()
+    _, inline_code = compile_and_code(inline, x, w)
+    assert kernel_sources(code) == kernel_sources(inline_code)
+
+
+def _count_output_evaluations(calls: int) -> int:
+    """How often Inductor evaluates the inner functions of the fused outputs
+    while compiling a chain of ``calls`` HOP calls on CPU."""
+    evaluations = 0
+    real = fusion._fresh_output
+
+    def counting(*args: Any) -> Any:
+        box = real(*args)
+        pointwise = box.data.data
+        inner = pointwise.inner_fn
+
+        def inner_fn(index: Any) -> Any:
+            nonlocal evaluations
+            evaluations += 1
+            return inner(index)
+
+        object.__setattr__(pointwise, "inner_fn", inner_fn)
+        return box
+
+    def body(t: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor]:
+        return ((t * u).sigmoid() + t,)
+
+    def f(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        for _ in range(calls):
+            x = pointwise_hop(body, x, w)[0]
+        return x
+
+    torch._dynamo.reset()
+    # A cached graph would skip the lowering this counts.
+    with mock.patch.object(fusion, "_fresh_output", counting), torch._inductor.config.patch(
+        fx_graph_cache=False
+    ):
+        torch.compile(f, backend="inductor", fullgraph=True)(torch.randn(8), torch.randn(8))
+    return evaluations
+
+
+def test_chain_of_hops_evaluates_bodies_linearly() -> None:
+    # Compile time doubled with each call of the chain (each fused output
+    # evaluated the previous one twice); it must grow as the chain does.
+    # CPU only: there Inductor realizes a reused sigmoid at once (a heavy op
+    # in torch 2.11-2.15; tanh is one only from 2.13), on a GPU only past an
+    # op-count threshold; the inline chain does the same.
+    short, long = _count_output_evaluations(5), _count_output_evaluations(10)
+    assert 0 < short and long <= 2 * short + 5, (short, long)
 
 
 class TestFusionModes(expecttest.TestCase):

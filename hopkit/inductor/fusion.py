@@ -5,7 +5,7 @@
            (the structure of the subgraph's output), or None
 
 Called from ``hopkit.BaseHOP``'s Inductor lowering (``base_hop_inductor`` in
-``hopkit/base_hop.py``, through ``hopkit._compat.lower_pointwise_hop``).
+``hopkit/inductor/hop_lowering.py``, through ``lower_hop_pointwise``).
 
 NOTE [Pointwise HOP bodies fuse into their neighbours]
 Inlining a HOP's body op by op (``GraphLowering.run_node`` over its nodes)
@@ -15,11 +15,15 @@ as if it stood in the outer graph. Lowering the whole body with
 output whose inner function *is* the body, so ``relu(hop(g, x)) + 1`` or
 ``hop(g, x).sum()`` read the body's values straight from the consumer's loop:
 one kernel, no buffer for the HOP's outputs, exactly what the inline chain
-compiles to. A body is "pointwise" when lowering it creates no buffer; what
+compiles to. The body's values are realized where Inductor would realize them
+in the inlined body, so a chain of fused HOPs compiles as fast as the inlined
+chain (NOTE [Pointwise HOP bodies realize like the inlined body]). A body is
+"pointwise" when lowering it creates no other buffer; what
 fails (a reduction, a matmul, a mutation, an op with no lowering) is named in
 the error (``require=True``) or logged to ``hopkit.inductor`` before the
 caller inlines the body op by op (``require=False``). A failed attempt leaves
-the surrounding graph as it was (see ``PointwiseSubgraphLowering.run``).
+the operands as they were, but for the realizations the inlined body would
+make too (see ``PointwiseSubgraphLowering.run``).
 
 Each output is re-wrapped in a fresh ``ir.Pointwise`` whose dtype, device and
 size come from the subgraph output node's ``meta["val"]`` (checked against
@@ -30,8 +34,10 @@ output, as a HOP's outputs must not.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import sympy
@@ -45,6 +51,7 @@ from hopkit.inductor.subgraph_lowering import (
     PointwiseSubgraphLowering,
     SubgraphLoweringException,
     _current_graph,
+    _snapshot_boxes,
     op_name,
 )
 
@@ -74,13 +81,17 @@ def lower_hop_pointwise(
     body cannot be lowered without a buffer it returns None, having logged
     the reason, so the caller can inline the body op by op; with
     ``require=True`` it raises ``SubgraphLoweringException`` naming the HOP
-    and the op instead. Either way the surrounding graph is left unchanged.
+    and the op instead. Either way the surrounding graph is changed only as
+    Inductor's lowering of the inlined body would change it: an operand that
+    the body reads more than once, or a body value, is realized where
+    Inductor's realize heuristics say so (NOTE [Pointwise HOP bodies realize
+    like the inlined body]).
     """
     root = _current_graph("lower_hop_pointwise")
     gm = subgraph.graph_module if isinstance(subgraph, ir.Subgraph) else subgraph
     what = _hop_description(hop)
     try:
-        lowering = PointwiseSubgraphLowering(gm, root_graph_lowering=root)
+        lowering = _HopBodyLowering(gm, root_graph_lowering=root)
         lowering.run(*operands)
         assert lowering.graph_outputs is not None  # set by run, or it raised
         (output_node,) = gm.graph.find_nodes(op="output")
@@ -110,6 +121,129 @@ def lower_hop_pointwise(
     if isinstance(value, (list, tuple)):
         return type(value)(fresh)
     return fresh[0]
+
+
+# NOTE [Pointwise HOP bodies realize like the inlined body]
+# GraphLowering.run_node does more than lower a node: after each one it
+# applies Inductor's realize heuristics. A value read by more than one node is
+# realized when recomputing it would cost too much (``StorageBox.mark_reuse``:
+# a heavy op on CPU, a large inner function, many reads); a value that has
+# gathered many reads is realized (``has_exceeded_max_reads``, then
+# ``realize_hint``); so is a Pointwise whose inner function has grown past 100
+# ops. Without them every inner function calls its inputs' inner functions
+# once per use, so a chain of n HOPs whose body reads an operand twice
+# (``(t * u).tanh() + t``) evaluates the first body 2**n times, in every
+# pass that walks the IR (op counts, read sets, the scheduler's loop bodies,
+# code generation): compile time doubled with each call in the chain.
+#
+# ``_HopBodyLowering`` applies the same heuristics, with the same thresholds,
+# to every node of the body, and to each operand as the body reads it (an
+# operand read by k nodes of the body is, in the inlined program, a value with
+# k users). What Inductor would realize for the inlined body is realized, in
+# the root graph, so a fused chain costs what the inlined chain costs, and its
+# kernels are the same. These are the only buffers a fused body may create:
+# any other (a reduction, an extern or fallback kernel, a mutation) still
+# stops the fusion. Operands are marked before the body is lowered, outside
+# the rollback of ``PointwiseSubgraphLowering.run``, because the inlined
+# program realizes them as well; a body that then fails to fuse is lowered op
+# by op on the realized operands. A buffer realized inside a body that later
+# fails is left unused in the root graph, and Inductor's scheduler removes it
+# as dead code. Nested HOPs nest the rule: the inner body's realizations go
+# through the outer ``_HopBodyLowering`` to the root graph, while a plain
+# ``PointwiseSubgraphLowering`` around them refuses them as buffers.
+
+_realizing: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "hopkit_inductor_realizing", default=False
+)
+
+
+@contextlib.contextmanager
+def _realizing_like_inductor() -> Iterator[None]:
+    token = _realizing.set(True)
+    try:
+        yield
+    finally:
+        _realizing.reset(token)
+
+
+class _HopBodyLowering(PointwiseSubgraphLowering):
+    """PointwiseSubgraphLowering that realizes values as GraphLowering.run_node
+    would for the inlined body; see NOTE [Pointwise HOP bodies realize like
+    the inlined body]."""
+
+    def run(
+        self,
+        *args: Any,
+        initial_env: dict[torch.fx.Node, Any] | None = None,
+        enable_io_processing: bool = True,
+    ) -> Any:
+        placeholders = self.graph.find_nodes(op="placeholder")
+        if initial_env is None and len(args) == len(placeholders):
+            _mark_operand_reuse(placeholders, args)
+        return super().run(
+            *args, initial_env=initial_env, enable_io_processing=enable_io_processing
+        )
+
+    def call_function(
+        self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        result = super().call_function(target, args, kwargs)
+        node = self.current_node
+        if node is not None and isinstance(result, ir.TensorBox):
+            try:
+                with _realizing_like_inductor():
+                    _realize_like_run_node(result, len(node.users))
+            except SubgraphLoweringException:
+                raise
+            except Exception as e:
+                raise SubgraphLoweringException(
+                    f"hopkit: cannot lower {op_name(target)} (node '{node.name}') "
+                    f"inside a pointwise subgraph: Inductor's realize heuristics "
+                    f"raised {type(e).__name__}: {e}. Lower the subgraph op by op.",
+                    reason="lowering_error",
+                    op=target,
+                    node=node.name,
+                    problem=f"Inductor's realize heuristics raised {type(e).__name__}: {e}",
+                ) from e
+        return result
+
+    def _approved_mutator(self) -> bool:
+        return _realizing.get() or super()._approved_mutator()
+
+
+def _mark_operand_reuse(placeholders: Sequence[torch.fx.Node], operands: Sequence[Any]) -> None:
+    """``operand.mark_reuse(k)`` for each operand that k > 1 body nodes read,
+    as GraphLowering.run_node does for a value with k users; see NOTE
+    [Pointwise HOP bodies realize like the inlined body]."""
+    for placeholder, operand in zip(placeholders, operands):
+        users = len(placeholder.users)
+        if users <= 1 or not isinstance(operand, ir.TensorBox):
+            continue
+        snapshot = _snapshot_boxes([operand])
+        try:
+            with _realizing_like_inductor():
+                operand.mark_reuse(users)
+        except BaseException:
+            # Refused (by a plain PointwiseSubgraphLowering around us): put
+            # the operand back as it was before StorageBox.realize began.
+            for box, data in snapshot:
+                box.data = data
+            raise
+
+
+def _realize_like_run_node(result: ir.TensorBox, users: int) -> None:
+    """The realize heuristics GraphLowering.run_node applies to a node's
+    lowered value (torch 2.11-2.15), less those for graph outputs and for
+    users that need fixed layouts (extern kernels, which a fused body cannot
+    hold)."""
+    if users > 1:
+        result.mark_reuse(users)
+    if result.has_exceeded_max_reads():
+        result.realize_hint()
+    data = result.data
+    if isinstance(data, ir.StorageBox) and isinstance(data.data, ir.Pointwise):
+        if data.data.has_large_inner_fn(threshold=100):
+            result.realize()
 
 
 def _hop_description(hop: object) -> str:

@@ -28,6 +28,12 @@ Differences from the original, all on the side of safety:
   as ``sym_size`` read its ``meta["val"]``), and its origins name it.
 * Every failure is a ``SubgraphLoweringException`` naming the op and node;
   an error deep inside a lowering is wrapped, never surfaced as a bare assert.
+* Arguments are checked where they are given (the constructor, ``run``,
+  ``lower_pointwise_subgraph``), and a wrong one raises a ``TypeError`` that
+  says what was expected, what was given and the fix, never an
+  ``AttributeError`` from deep inside. An ``OpOverloadPacket`` in
+  ``allowed_mutations`` or ``additional_lowerings`` stands for all its
+  overloads (FX graphs call overloads, so a packet would never match).
 * The scalar function is recorded with common-subexpression elimination into
   a small program (``LoweredPointwiseFn``) whose ``code`` can be printed;
   ``ops.masked`` bodies and ``ops.indirect_indexing`` are supported.
@@ -41,7 +47,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import operator
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterator, Mapping, Sequence
 from typing import Any, Literal, TypeAlias, cast
 
 import sympy
@@ -164,6 +170,12 @@ class PointwiseSubgraphLowering(torch.fx.Interpreter):
     ``allowed_mutations``), or when an op has no lowering; the surrounding
     graph is then left as it was. Must run inside an Inductor lowering
     (``V.graph`` set), whose graph is ``root_graph_lowering``.
+
+    Arguments: ``gm`` a ``torch.fx.GraphModule``; ``root_graph_lowering``
+    the graph being lowered (``V.graph``: a ``GraphLowering``, or a subgraph
+    lowering standing in for one); ``allowed_mutations`` None or a set of ops;
+    ``additional_lowerings`` None or a dict ``{op: lowering_fn}``. Anything
+    else raises ``TypeError`` here, as do example tensors given to ``run``.
     """
 
     graph_outputs: list[Any] | None
@@ -181,20 +193,17 @@ class PointwiseSubgraphLowering(torch.fx.Interpreter):
         allowed_mutations: Any = None,
         additional_lowerings: LoweringDict | None = None,
     ) -> None:
-        if not isinstance(gm, torch.fx.GraphModule):
-            raise TypeError(
-                "hopkit: PointwiseSubgraphLowering needs a torch.fx.GraphModule, "
-                f"but got {type(gm).__name__}; pass ir.Subgraph.graph_module for an "
-                "Inductor subgraph."
-            )
+        # Every argument is checked before anything is built.
+        gm = _check_graph_module(gm, "PointwiseSubgraphLowering", "gm")
+        _check_root_graph(root_graph_lowering)
+        mutations = _check_allowed_mutations(allowed_mutations)
+        extra = _check_additional_lowerings(additional_lowerings)
         super().__init__(gm)
         # fx.Interpreter would append "While executing ..." to our messages.
         self.extra_traceback = False
         self.root_graph = root_graph_lowering
-        self.allowed_mutations = (
-            None if allowed_mutations is None else frozenset(allowed_mutations)
-        )
-        self.additional_lowerings = additional_lowerings
+        self.allowed_mutations = mutations
+        self.additional_lowerings = extra
         self.graph_outputs = None
         self.buffers = []
         self.mutated_buffers = set()
@@ -219,6 +228,7 @@ class PointwiseSubgraphLowering(torch.fx.Interpreter):
                 "were given to PointwiseSubgraphLowering.run.",
                 reason="inputs",
             )
+        _check_run_inputs(args, placeholders)
         snapshot = _snapshot_boxes(args)
         try:
             with V.set_graph_handler(cast(GraphLowering, self)):
@@ -416,6 +426,124 @@ class PointwiseSubgraphLowering(torch.fx.Interpreter):
         return getattr(self.root_graph, name)
 
 
+# -- input checks: each message says what was expected, what was given, and the fix
+
+
+def _check_graph_module(
+    gm: object, where: str, name: str, expected: str = "a torch.fx.GraphModule"
+) -> torch.fx.GraphModule:
+    if isinstance(gm, torch.fx.GraphModule):
+        return gm
+    if isinstance(gm, ir.Subgraph):
+        fix = "pass its graph_module"
+    elif "ir.Subgraph" in expected:
+        fix = (
+            "trace the function first (make_fx), or pass the ir.Subgraph Inductor "
+            "gave the lowering"
+        )
+    else:
+        fix = (
+            "trace the function first (make_fx), or pass ir.Subgraph.graph_module "
+            "for an Inductor subgraph"
+        )
+    raise TypeError(
+        f"hopkit: {where} needs {name} to be {expected}, but got "
+        f"{_described(gm)}; {fix}."
+    )
+
+
+def _check_root_graph(root: object) -> None:
+    # V.graph while lowering: a GraphLowering, or a subgraph lowering (hopkit's
+    # or torch's) standing in for one when HOPs nest. Both have these.
+    if all(hasattr(root, a) for a in ("register_buffer", "register_operation", "sizevars")):
+        return
+    raise TypeError(
+        "hopkit: PointwiseSubgraphLowering needs root_graph_lowering to be the "
+        "GraphLowering being lowered, but got "
+        f"{_described(root)}; pass V.graph from inside an Inductor lowering."
+    )
+
+
+def _expand_packet(op: object) -> list[object]:
+    """An OpOverloadPacket stands for all its overloads: FX graphs call those."""
+    if isinstance(op, torch._ops.OpOverloadPacket):
+        return [getattr(op, name) for name in op.overloads()]
+    return [op]
+
+
+def _check_allowed_mutations(ops: object) -> frozenset[Any] | None:
+    if ops is None:
+        return None
+    if isinstance(ops, (str, bytes, Mapping)) or not isinstance(ops, Collection):
+        raise TypeError(
+            "hopkit: PointwiseSubgraphLowering needs allowed_mutations to be None or "
+            f"a set of ops, but got {_described(ops)}; pass e.g. "
+            "allowed_mutations={torch.ops.aten.add_.Tensor}."
+        )
+    out: list[object] = []
+    for i, op in enumerate(ops):
+        if not callable(op):
+            raise TypeError(
+                "hopkit: PointwiseSubgraphLowering needs allowed_mutations to hold "
+                f"ops (OpOverloads or callables), but element {i} is "
+                f"{_described(op)}; pass the ops whose mutations are intended, e.g. "
+                "torch.ops.aten.add_.Tensor."
+            )
+        out.extend(_expand_packet(op))
+    return frozenset(out)
+
+
+def _check_additional_lowerings(lowerings: object) -> LoweringDict | None:
+    if lowerings is None:
+        return None
+    if not isinstance(lowerings, Mapping):
+        raise TypeError(
+            "hopkit: PointwiseSubgraphLowering needs additional_lowerings to be None "
+            f"or a dict mapping ops to lowering functions, but got "
+            f"{_described(lowerings)}; pass e.g. "
+            "additional_lowerings={torch.ops.aten.relu.default: my_lowering}."
+        )
+    for op, fn in lowerings.items():
+        if not callable(fn):
+            raise TypeError(
+                "hopkit: PointwiseSubgraphLowering needs additional_lowerings to map "
+                f"each op to a lowering function, but additional_lowerings[{op_name(op)}] "
+                f"is {_described(fn)}; pass a callable taking the op's lowered "
+                "arguments."
+            )
+    out: LoweringDict = {}
+    packets = [op for op in lowerings if isinstance(op, torch._ops.OpOverloadPacket)]
+    for packet in packets:
+        for overload in _expand_packet(packet):
+            out[overload] = lowerings[packet]
+    # An overload named on its own wins over its packet.
+    out.update((op, fn) for op, fn in lowerings.items() if op not in packets)
+    return out
+
+
+def _check_run_inputs(args: Sequence[Any], placeholders: Sequence[torch.fx.Node]) -> None:
+    for i, (arg, placeholder) in enumerate(zip(args, placeholders)):
+        leaves, _ = pytree.tree_flatten_with_path(arg)
+        for path, leaf in leaves:
+            if isinstance(leaf, torch.Tensor):
+                where = f"input {i}{pytree.keystr(path)} (placeholder '{placeholder.name}')"
+                raise TypeError(
+                    "hopkit: PointwiseSubgraphLowering.run takes the subgraph's inputs "
+                    "as Inductor values (TensorBox, int, sympy.Expr), but "
+                    f"{where} is {_described(leaf)}; pass the TensorBoxes the "
+                    "lowering received (V.graph.graph_inputs[name] for a graph "
+                    "input), not example tensors."
+                )
+
+
+def _described(x: object) -> str:
+    """``None``, ``an int``, ``a list``, ``a torch.Tensor``, ``a FakeTensor``."""
+    if x is None:
+        return "None"
+    name = "torch.Tensor" if type(x) is torch.Tensor else type(x).__name__
+    return f"{'an' if name[0].lower() in 'aeiou' else 'a'} {name}"
+
+
 def _origins(n: torch.fx.Node) -> Any:
     from torch.utils._ordered_set import OrderedSet
 
@@ -454,10 +582,18 @@ class InputDescriptor:
         if not isinstance(self.dtype, torch.dtype):
             raise TypeError(
                 f"hopkit: InputDescriptor.dtype must be a torch.dtype, but got "
-                f"{self.dtype!r}."
+                f"{self.dtype!r}; pass e.g. torch.float32."
             )
         if not isinstance(self.device, torch.device):
-            object.__setattr__(self, "device", torch.device(self.device))
+            try:
+                device = torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise TypeError(
+                    "hopkit: InputDescriptor.device must be a torch.device or a "
+                    f"device string, but got {self.device!r}; pass e.g. "
+                    'torch.device("cpu").'
+                ) from None
+            object.__setattr__(self, "device", device)
 
 
 SubgraphInput: TypeAlias = "InputDescriptor | int | sympy.Basic"
@@ -716,8 +852,14 @@ def lower_pointwise_subgraph(
     set); the result is used inside inner functions, as
     ``associative_scan``'s lowering uses its combine function.
     """
+    gm = _check_graph_module(
+        subgraph.graph_module if isinstance(subgraph, ir.Subgraph) else subgraph,
+        "lower_pointwise_subgraph",
+        "subgraph",
+        "an ir.Subgraph or a torch.fx.GraphModule",
+    )
+    _check_subgraph_inputs(gm, inputs)
     root = _current_graph("lower_pointwise_subgraph")
-    gm = subgraph.graph_module if isinstance(subgraph, ir.Subgraph) else subgraph
 
     def placeholder_loader(index: Sequence[Any], input_idx: int) -> Any:
         return ops.placeholder(input_idx)
@@ -733,14 +875,8 @@ def lower_pointwise_subgraph(
                     ranges=[],
                 )
             )
-        elif isinstance(desc, (int, sympy.Basic)):
-            graph_inputs.append(desc)
         else:
-            raise TypeError(
-                f"hopkit: lower_pointwise_subgraph inputs[{i}] must be an "
-                f"InputDescriptor, an int or a sympy expression, but got "
-                f"{type(desc).__name__}."
-            )
+            graph_inputs.append(desc)
 
     lowering = PointwiseSubgraphLowering(gm, root_graph_lowering=root)
     lowering.run(*graph_inputs)
@@ -771,6 +907,37 @@ def lower_pointwise_subgraph(
     return LoweredPointwiseFn(
         recorder.block, tuple(outputs), len(inputs), recorder.indirect
     )
+
+
+def _check_subgraph_inputs(gm: torch.fx.GraphModule, inputs: object) -> None:
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    names = ", ".join(p.name for p in placeholders)
+    if isinstance(inputs, (str, bytes, InputDescriptor)) or not isinstance(inputs, Sequence):
+        raise TypeError(
+            "hopkit: lower_pointwise_subgraph needs inputs to be a list with one "
+            f"entry per subgraph input ({names}), but got {_described(inputs)}; "
+            "pass e.g. [InputDescriptor(torch.float32, torch.device('cpu'))]."
+        )
+    for i, desc in enumerate(inputs):
+        if isinstance(desc, (InputDescriptor, int, sympy.Basic)):
+            continue
+        fix = (
+            f"describe it as InputDescriptor({desc.dtype}, torch.device('{desc.device}'))"
+            if isinstance(desc, torch.Tensor)
+            else "describe a tensor input with InputDescriptor(dtype, device)"
+        )
+        raise TypeError(
+            f"hopkit: lower_pointwise_subgraph needs inputs[{i}] to be an "
+            "InputDescriptor, an int or a sympy expression, but it is "
+            f"{_described(desc)}; {fix}."
+        )
+    if len(inputs) != len(placeholders):
+        raise SubgraphLoweringException(
+            f"hopkit: lower_pointwise_subgraph needs one input per subgraph input "
+            f"({len(placeholders)}: {names}), but got {len(inputs)}; pass one "
+            "InputDescriptor, int or sympy expression for each.",
+            reason="inputs",
+        )
 
 
 def _output_nodes(gm: torch.fx.GraphModule) -> list[str]:
