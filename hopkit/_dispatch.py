@@ -1,14 +1,15 @@
 """The one predicate "nothing intercepts dispatch", shared by every fast path.
 
-hopkit has three fast paths that skip torch's dispatcher when doing so cannot
-change the result: BaseHOP's plain-eager call (NOTE [BaseHOP plain-eager fast
-path] in hopkit/base_hop/__init__.py), the eager replay of ViewMeta sequences as one
+hopkit's fast paths skip torch's dispatcher when doing so cannot change the
+result: BaseHOP's plain-eager call (NOTE [BaseHOP plain-eager fast path] in
+hopkit/base_hop/__init__.py) and the eager replay of ViewMeta sequences as one
 ``as_strided`` (NOTE [Geometry cache for eager replay] in
-hopkit/functionalization), and ``with_effects`` on real tensors. Each is
-correct only where a plain call of a torch op would run the dense kernel
-directly; this module answers that question once, so the three cannot
-disagree (a vmap-batched tensor, a FunctionalTensor, a subclass or an active
-mode makes every one of them take the dispatcher).
+hopkit/functionalization). Each is correct only where a plain call of a torch
+op would run the dense kernel directly; this module answers that question
+once, so they cannot disagree (a vmap-batched tensor, a FunctionalTensor, a
+subclass or an active mode makes every one of them take the dispatcher).
+``with_effects`` keeps a cheaper check of its own, measured to matter there
+(NOTE [with_effects fast path] in hopkit/effects/_hop.py).
 
 It imports nothing from hopkit.
 """

@@ -670,7 +670,7 @@ _ALIAS_VIEWS: list[Callable[[torch.Tensor], torch.Tensor]] = [
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["functionalize", "aot_eager"])
+@pytest.mark.parametrize("mode", ["functionalize", "make_fx", "aot_eager", "inductor"])
 def test_property_aliasing_layouts_with_a_mutation(mode: str) -> None:
     # Two operands drawn from views of one 3x4 storage (same storage,
     # overlapping and disjoint slices, rows vs columns, strided); the body
@@ -685,8 +685,9 @@ def test_property_aliasing_layouts_with_a_mutation(mode: str) -> None:
     def swapped(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return body(b, a)
 
-    @hypothesis.settings(max_examples=12 if mode == "aot_eager" else 40, deadline=None,
-                         derandomize=True)
+    examples = {"functionalize": 40, "make_fx": 20, "aot_eager": 12, "inductor": 5}[mode]
+
+    @hypothesis.settings(max_examples=examples, deadline=None, derandomize=True)
     @hypothesis.given(st.integers(0, len(_ALIAS_VIEWS) - 1),
                       st.integers(0, len(_ALIAS_VIEWS) - 1), st.booleans())
     def check(i: int, j: int, swap: bool) -> None:
@@ -701,6 +702,10 @@ def test_property_aliasing_layouts_with_a_mutation(mode: str) -> None:
         wrapped = hopkit.FunctionWithNoFreeVars(fn)
         if mode == "functionalize":
             out = torch.func.functionalize(lambda t: invoke_quant(wrapped, *views(t)))(base)
+        elif mode == "make_fx":
+            gm = make_fx(torch.func.functionalize(lambda t: invoke_quant(wrapped, *views(t))),
+                         tracing_mode="fake")(torch.empty(3, 4))
+            out = gm(base)
         else:
             torch._dynamo.reset()
             out = torch.compile(lambda t: invoke_quant(fn, *views(t)), backend=mode,
@@ -1156,3 +1161,20 @@ def test_error_config_names_torch_dispatch_reserves() -> None:
     body = hopkit.FunctionWithNoFreeVars(lambda t: (t * 2,))
     assert_expected_inline(error_of(lambda: invoke_quant(body, torch.randn(2), mode="fast"), TypeError), """\
 hopkit: hopkit_test_invoke_quant's configuration may not be named 'mode': torch's higher-order-operator dispatch passes an argument of that name to functionalization rules itself, so the call would fail under torch.compile and torch.func.functionalize; rename it (e.g. mode_='fast').""")
+
+
+def test_aliasing_operands_under_views_replayed_as_copies() -> None:
+    # remove="mutations_and_views" gives view wrappers the layout of copies, so
+    # where two operands overlap is unknowable: reading works, a mutation is
+    # refused rather than replayed at the wrong offset.
+    x = torch.arange(12.0).reshape(3, 4)
+    reader = hopkit.FunctionWithNoFreeVars(lambda a, b: (a * 2, b + 1))
+    out = torch.func.functionalize(lambda t: invoke_quant(reader, t, t[1]),
+                                   remove="mutations_and_views")(x)
+    torch.testing.assert_close(out[0], x * 2)
+    torch.testing.assert_close(out[1], x[1] + 1)
+    writer = hopkit.FunctionWithNoFreeVars(mutate_first_read_second)
+    msg = error_of(lambda: torch.func.functionalize(lambda t: invoke_quant(writer, t, t[1]),
+                                                    remove="mutations_and_views")(x.clone()),
+                   RuntimeError)
+    assert_expected_inline(msg, """hopkit: hopkit_test_invoke_quant's subgraph mutates operand 0, which shares memory with operand 1, but this functionalization replays views as copies (e.g. torch.func.functionalize(..., remove='mutations_and_views')), which hides where the two overlap, so the mutation cannot be replayed on both; use remove='mutations', or pass the tensor they are views of as one operand and take the views inside the subgraph.""")

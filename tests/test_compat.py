@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import types
 import warnings
 
 import pytest
@@ -51,19 +50,22 @@ def test_running_torch_is_in_the_supported_window() -> None:
 
 
 def test_missing_torch_symbol_warns_and_names_itself() -> None:
-    # A shim whose torch internal was renamed must not break torch's import
-    # (shims run from import hooks): it warns, naming the symbol, and carries on.
-    fake_fx_utils = types.ModuleType("torch._inductor.fx_utils")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _compat._teach_fx_utils_hopkit_subgraphs(fake_fx_utils)
+        _compat.warn_missing_torch_symbol("torch._inductor.fx_utils._nothing_here",
+                                          "Inductor may warn about hopkit subgraph arguments")
     assert [str(w.message) for w in caught] == [
         f"hopkit: torch {torch.__version__} has no "
-        "torch._inductor.fx_utils._extract_subgraphs_and_args, which hopkit expected "
+        "torch._inductor.fx_utils._nothing_here, which hopkit expected "
         "for this release; Inductor may warn about hopkit subgraph arguments. "
         "Please report this to hopkit."
     ]
-    assert not hasattr(fake_fx_utils, "_extract_subgraphs_and_args")
+
+
+def test_wrapped_node_parts_takes_the_first_seven() -> None:
+    seven = tuple(range(7))
+    assert _compat.wrapped_node_parts(seven) == (0, 1, 2, 3, 6)
+    assert _compat.wrapped_node_parts((*seven, "tracing_info")) == (0, 1, 2, 3, 6)
 
 
 def test_fx_utils_shim_only_where_torch_has_the_table() -> None:

@@ -23,7 +23,7 @@ from torch._dynamo.testing import AotEagerAndRecordGraphs
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.testing import FileCheck
 
-from hopkit import _compat
+from hopkit.effects import _hop, _registry
 from hopkit.effects import (
     EffectType,
     get_effect,
@@ -131,11 +131,11 @@ def test_register_get_and_destroy() -> None:
     h = register_effectful_op(log, EffectType.ORDERED)
     try:
         assert get_effect(log) is EffectType.ORDERED and has_effects(log)
-        assert _compat.is_side_effectful(log)  # FX DCE keeps unused calls
+        assert _registry.is_side_effectful(log)  # FX DCE keeps unused calls
     finally:
         h.destroy()
     assert get_effect(log) is None and not has_effects(log)
-    assert not _compat.is_side_effectful(log)
+    assert not _registry.is_side_effectful(log)
     h.destroy()  # a second destroy does nothing
 
 
@@ -146,7 +146,7 @@ def test_destroy_restores_the_previous_registration() -> None:
         assert get_effect(log) is None and not has_effects(log)
         second.destroy()
         assert get_effect(log) is EffectType.ORDERED
-        assert _compat.is_side_effectful(log)
+        assert _registry.is_side_effectful(log)
     finally:
         first.destroy()
     assert get_effect(log) is None
@@ -161,10 +161,10 @@ def test_two_registrations_of_one_op_destroyed_in_any_order(order: str) -> None:
         first.destroy()
         first.destroy()  # a second destroy does nothing
         assert get_effect(log) is EffectType.ORDERED and has_effects(log)
-        assert _compat.is_side_effectful(log)
+        assert _registry.is_side_effectful(log)
         second.destroy()
         assert get_effect(log) is None and not has_effects(log)
-        assert not _compat.is_side_effectful(log)
+        assert not _registry.is_side_effectful(log)
         assert f"{NS}::log.default" not in get_effect.__globals__["_REGISTRY"]
     finally:
         h1.destroy()
@@ -172,7 +172,7 @@ def test_two_registrations_of_one_op_destroyed_in_any_order(order: str) -> None:
 
 
 # An overload registration, a packet-wide one, and one declaring the overload
-# effect-free: see NOTE [A stack of registrations per op] in hopkit/effects.py.
+# effect-free: see NOTE [A stack of registrations per op] in hopkit/effects/_registry.py.
 _STACKED = [(lambda: log, EffectType.ORDERED), (lambda: f"{NS}::log", EffectType.ORDERED),
             (lambda: log, None)]
 
@@ -186,7 +186,7 @@ def test_handles_destroyed_in_any_order_restore_the_state_before(
 ) -> None:
     registry = get_effect.__globals__["_REGISTRY"]
     before = dict(registry)
-    _compat.set_side_effectful(log, was_side_effectful)
+    _registry.set_side_effectful(log, was_side_effectful)
     handles = [register_effectful_op(ident(), effect) for ident, effect in _STACKED]
     try:
         active = list(range(len(_STACKED)))
@@ -198,14 +198,14 @@ def test_handles_destroyed_in_any_order_restore_the_state_before(
             own = [_STACKED[j][1] for j in active if _STACKED[j][0]() is log]
             packet = [_STACKED[j][1] for j in active if _STACKED[j][0]() is not log]
             assert get_effect(log) is (own or packet or [None])[-1]
-            assert _compat.is_side_effectful(log) == (
+            assert _registry.is_side_effectful(log) == (
                 was_side_effectful or any(_STACKED[j][1] is not None for j in active))
         assert dict(registry) == before
-        assert _compat.is_side_effectful(log) == was_side_effectful
+        assert _registry.is_side_effectful(log) == was_side_effectful
     finally:
         for h in handles:
             h.destroy()
-        _compat.set_side_effectful(log, False)
+        _registry.set_side_effectful(log, False)
 
 
 @pytest.mark.parametrize(
@@ -519,7 +519,7 @@ def test_handle_effects_refuses_bad_arguments(ordered: None) -> None:
 
 def test_handle_effects_threads_and_discovers_tokens(ordered: None) -> None:
     # FunctionalTensorMode hands registered ops to hopkit's handle_effects
-    # (through the routing shim in hopkit._compat), with the mode's tokens.
+    # (through the routing shim in hopkit/effects/_torch_integration.py), with the mode's tokens.
     from torch._subclasses.functional_tensor import FunctionalTensorMode, dispatch_functionalize
 
     def f(x: torch.Tensor) -> Any:
@@ -946,7 +946,7 @@ def _make_toy_subgraph_hop() -> Any:
         return ctx.wrap_tensors(out)
 
     call.py_impl(DispatchKey.CompositeExplicitAutograd)(dense)
-    for key in _compat.autograd_dispatch_keys():
+    for key in _hop.autograd_dispatch_keys():
         call.fallthrough(key)
     call.py_impl(FakeTensorMode)(fake)
     call.py_impl(ProxyTorchDispatchMode)(proxy)
@@ -1088,3 +1088,233 @@ def test_effects_inside_basehop(ordered: None, backend: str, grad: bool) -> None
             assert LOG == []  # the body's effects are not re-run by backward
     finally:
         torch._ops._higher_order_ops.pop("hopkit_test_effects_region", None)
+
+
+# ---------------------------------------------------------------------------
+# Changing torch only on use, reversibly (NOTE [Changing torch only on use,
+# reversibly] in hopkit/_patch.py)
+# ---------------------------------------------------------------------------
+
+# Every torch function hopkit.effects wraps: (defining module, name, the
+# modules that rebind it by `from ... import name`).
+_PATCHED_SITES = [
+    ("torch._higher_order_ops.effects", "has_effects", ()),
+    ("torch._higher_order_ops.effects", "handle_effects", ()),
+    ("torch._functorch._aot_autograd.utils", "is_with_effects",
+     ("torch._functorch.partitioners",)),
+    ("torch._functorch._aot_autograd.utils", "unlift_tokens",
+     ("torch._functorch._aot_autograd.graph_capture",
+      "torch._functorch._aot_autograd.graph_compile")),
+    ("torch.fx.experimental.proxy_tensor", "_should_save_eager_input_vals", ()),
+    ("torch._functorch.partitioners", "force_save_effectful_ops", ()),
+    ("torch.export._remove_effect_tokens_pass", "_remove_effect_tokens",
+     ("torch.export._unlift", "torch.export.unflatten")),
+]
+
+# Imports every module of _PATCHED_SITES and records what each binds, right
+# after `import torch` in a fresh process (before hopkit is imported).
+_RECORD_TORCH_BINDINGS = f"""
+import importlib, io, sys
+import torch
+SITES = {_PATCHED_SITES!r}
+def bindings():
+    return {{(m, name): getattr(importlib.import_module(m), name)
+            for mod, name, consumers in SITES for m in (mod, *consumers)}}
+def changed(before):
+    return [key for key, fn in bindings().items() if fn is not before[key]]
+FRESH = bindings()
+"""
+
+_LOG_OP = """
+LOG = []
+lib = torch.library.Library("hopkit_test_effects_sub", "FRAGMENT")
+lib.define("log(Tensor x, int tag) -> Tensor")
+lib.impl("log", lambda x, tag: LOG.append(tag) or x.clone(), "CompositeExplicitAutograd")
+torch.library.register_fake("hopkit_test_effects_sub::log", lambda x, tag: torch.empty_like(x), lib=lib)
+log = torch.ops.hopkit_test_effects_sub.log.default
+"""
+
+
+def _run_fresh(code: str) -> None:
+    """Run ``code`` in a fresh interpreter; fail with its output if it fails."""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_import_and_plain_torch_use_change_nothing_in_torch() -> None:
+    # Importing hopkit and hopkit.effects, and using plain torch (export,
+    # save, load, run; compile; with_effects in eager), patches nothing.
+    _run_fresh(_RECORD_TORCH_BINDINGS + """
+import hopkit, hopkit.effects
+from hopkit import _patch
+from hopkit.effects import new_token_tensor, with_effects
+
+class M(torch.nn.Module):
+    def forward(self, x):
+        return x.sin() + 1
+
+x = torch.randn(3)
+ep = torch.export.export(M(), (x,))
+buf = io.BytesIO()
+torch.export.save(ep, buf)
+buf.seek(0)
+loaded = torch.export.load(buf)
+torch.testing.assert_close(loaded.module()(x), x.sin() + 1)
+torch.testing.assert_close(ep.run_decompositions().module()(x), x.sin() + 1)
+torch.compile(lambda v: v.cos(), backend="aot_eager", fullgraph=True)(x)
+with_effects(new_token_tensor(), torch.ops.aten.sin.default, x)  # eager: no tracing rule
+assert _patch.live_patches() == [], _patch.live_patches()
+assert changed(FRESH) == [], changed(FRESH)
+assert not any(type(f).__module__ == "hopkit._patch" for f in sys.meta_path), sys.meta_path
+assert "torch._inductor.lowering" not in sys.modules
+""")
+
+
+_FIRST_USES = {
+    "register_effectful_op": "hopkit.effects.register_effectful_op(log)",
+    "traced_with_effects": (
+        "make_fx(lambda t, v: with_effects(t, torch.ops.aten.sin.default, v))"
+        "(new_token_tensor(), torch.randn(2))"
+    ),
+    "subgraph_region": (
+        "class Region(hopkit.BaseHOP):\n"
+        "    def __init__(self):\n"
+        "        super().__init__('hopkit_test_effects_sub_region')\n"
+        "body = hopkit.FunctionWithNoFreeVars(lambda u: (u.sin(),))\n"
+        "torch.func.functionalize(lambda v: Region()(body, v))(torch.randn(2))"
+    ),
+}
+
+
+@pytest.mark.parametrize("first_use", list(_FIRST_USES))
+def test_first_use_installs_the_integration(first_use: str) -> None:
+    _run_fresh(_RECORD_TORCH_BINDINGS + _LOG_OP + f"""
+import hopkit, hopkit.effects
+from torch.fx.experimental.proxy_tensor import make_fx
+from hopkit.effects import _torch_integration, new_token_tensor, with_effects
+assert not _torch_integration.installed()
+{_FIRST_USES[first_use]}
+assert _torch_integration.installed()
+# The partitioner's shim waits for its module, then every site is wrapped.
+changed_sites = {{key[1] for key in changed(FRESH)}}
+assert changed_sites == {{name for _, name, _ in SITES}}, changed_sites
+""")
+
+
+def test_undo_all_restores_torch_and_effects_work_after_reinstalling() -> None:
+    _run_fresh(_RECORD_TORCH_BINDINGS + _LOG_OP + """
+import operator
+import torch._inductor.lowering as inductor_lowering
+import hopkit.effects
+from hopkit import _patch
+from hopkit.effects import EffectType, register_effectful_op, with_effects
+
+def f(x):
+    log(x, 1)
+    return log(x, 2) * 2
+
+def check_effects_work():
+    LOG.clear()
+    graphs = []
+    def backend(gm, inputs):
+        from torch._functorch.aot_autograd import aot_module_simplified
+        def fw(g, _):
+            graphs.append(g)
+            return g
+        return aot_module_simplified(gm, inputs, fw_compiler=fw)
+    torch._dynamo.reset()
+    torch.compile(f, backend=backend, fullgraph=True)(torch.randn(2))
+    assert LOG == [1, 2], LOG
+    assert [n.target for n in graphs[0].graph.nodes
+            if n.op == "call_function" and n.target is not operator.getitem] == [
+        with_effects, with_effects, torch.ops.aten.mul.Tensor]
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return f(x)
+    ep = torch.export.export(M(), (torch.randn(2),)).run_decompositions()
+    assert ep.graph_signature.input_specs[0].kind.name == "TOKEN"
+    LOG.clear()
+    ep.module()(torch.randn(2))
+    assert LOG == [1, 2], LOG
+
+handle = register_effectful_op(log, EffectType.ORDERED)
+check_effects_work()
+assert {key for key in changed(FRESH)} == set(FRESH), set(FRESH) - set(changed(FRESH))
+for key, fn in bindings().items():
+    assert _patch.original_of(fn) is FRESH[key], key
+assert inductor_lowering.lowerings.get(with_effects) is not None
+
+_patch.undo_all()
+assert changed(FRESH) == [], changed(FRESH)
+assert _patch.live_patches() == [], _patch.live_patches()
+assert with_effects not in inductor_lowering.lowerings
+
+handle.destroy()
+handle = register_effectful_op(log, EffectType.ORDERED)  # installs again
+check_effects_work()
+assert {key for key in changed(FRESH)} == set(FRESH)
+assert inductor_lowering.lowerings.get(with_effects) is not None
+handle.destroy()
+""")
+
+
+def test_partitioner_leaves_torch_own_effectful_ops_to_torch(ordered: None) -> None:
+    # Plain (token-less) effectful calls in a joint graph: hopkit pins its own
+    # registered ops to the forward graph; torch's own (aten::_print) get
+    # exactly torch's treatment, except while a HOP partitions its
+    # subgraph's joint (step 3 of NOTE [Effect tokens inside subgraphs]).
+    import copy
+
+    from torch._functorch import partitioners
+
+    from hopkit import _patch
+    from hopkit.effects._regions import subgraph_joint_partition
+
+    def joint(x: torch.Tensor) -> torch.Tensor:
+        torch.ops.aten._print("torch's own")
+        return log(x, 1).sin()
+
+    gm = make_fx(joint)(torch.randn(2))
+    for node in gm.graph.nodes:
+        node.meta["partitioner_tag"] = "is_forward"
+    wrapper = partitioners.force_save_effectful_ops
+    original = _patch.original_of(wrapper)
+    assert original is not wrapper  # installed by the first registration
+
+    def tags(force_save: Callable[[torch.fx.GraphModule], None]) -> dict[str, Any]:
+        g = copy.deepcopy(gm)
+        force_save(g)
+        return {str(n.target): (n.meta.get("partitioner_tag"), n.meta.get("recompute"))
+                for n in g.graph.nodes if n.op == "call_function"}
+
+    by_torch, by_hopkit = tags(original), tags(wrapper)
+    print_op, log_op = "aten._print.default", f"{NS}.log.default"
+    assert by_hopkit[print_op] == by_torch[print_op] == ("is_forward", None)
+    assert by_hopkit[log_op][0] == "must_be_in_forward"
+    assert by_hopkit[log_op][1].name == "MUST_SAVE"
+    assert by_torch[log_op] == ("is_forward", None)
+    with subgraph_joint_partition():
+        assert tags(wrapper)[print_op][0] == "must_be_in_forward"
+
+
+def test_torch_print_inside_basehop_runs_once_with_grad(capfd: pytest.CaptureFixture[str]) -> None:
+    import hopkit
+
+    class Region(hopkit.BaseHOP):
+        def __init__(self) -> None:
+            super().__init__("hopkit_test_effects_print_region")
+
+    region = Region()
+
+    def body(x: torch.Tensor) -> tuple[torch.Tensor]:
+        torch.ops.aten._print("in the body")
+        return (x.sin(),)
+
+    try:
+        x = torch.randn(3, requires_grad=True)
+        out = torch.compile(lambda v: region(body, v)[0].cos(), backend="aot_eager",
+                            fullgraph=True)(x)
+        out.sum().backward()
+        assert capfd.readouterr().out.count("in the body") == 1
+    finally:
+        torch._ops._higher_order_ops.pop("hopkit_test_effects_print_region", None)

@@ -13,10 +13,13 @@ may run its subgraph under a context (``subgraph_context``); every rule honours
 both.
 
 Rules, in the order they are defined here: dense (the reference semantics),
-autograd, functionalize, fake, proxy, Inductor (default: inline the subgraph;
-pointwise bodies fuse through ``hopkit.inductor``), and the Dynamo variable
-(``hopkit._compat.HopkitHOPVariable``, since it subclasses a Dynamo-internal
-class). The registration block is ``BaseHOP._register_rules``.
+autograd, functionalize, fake, proxy. Its other integrations live next door:
+the Dynamo variable in ``hopkit/base_hop/_dynamo.py`` (it subclasses a
+Dynamo-internal class), the tracing helpers of the autograd and functionalize
+rules in ``hopkit/base_hop/_tracing.py``, the names in torch's HOP registry in
+``hopkit/base_hop/_names.py``, and the Inductor lowering (fuse a pointwise
+body, else inline it) in ``hopkit/inductor/hop_lowering.py``. The registration
+block, ``BaseHOP._register_rules``, lists every one of them.
 
 NOTE [BaseHOP plain-eager fast path]
 Called on plain dense tensors with no mode, no functorch transform and no
@@ -74,7 +77,8 @@ from torch._ops import HigherOrderOperator
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import ProxyTorchDispatchMode
 
-from hopkit import _compat
+from hopkit import _dispatch, _fx
+from hopkit.base_hop import _dynamo, _names, _tracing
 
 __all__ = ["BaseHOP", "FunctionWithNoFreeVars"]
 
@@ -155,7 +159,7 @@ class BaseHOP(HigherOrderOperator):
     def __init__(self, name: str) -> None:
         _check_new_hop_name(type(self), name)
         super().__init__(name)
-        _compat.publish_hop(self)
+        _names.publish_hop(self)
         self._num_leading = len(self.leading_config)
         self._has_context = type(self).subgraph_context is not BaseHOP.subgraph_context
         self._fast_path = False  # turned on by _register_rules
@@ -190,7 +194,7 @@ class BaseHOP(HigherOrderOperator):
         _check_operands(self, args[n + 1 :])
         if kwargs:
             _check_config_names(self, kwargs)
-        if self._fast_path and _compat.is_plain_eager(args[n + 1 :]):
+        if self._fast_path and _dispatch.nothing_intercepts_dispatch(args[n + 1 :]):
             # NOTE [BaseHOP plain-eager fast path]
             return base_hop_dense(self, *args, **kwargs)
         return super().__call__(*args, **kwargs)
@@ -273,10 +277,16 @@ class BaseHOP(HigherOrderOperator):
         self.py_functionalize_impl(p(base_hop_functionalize, self))
         self.py_impl(FakeTensorMode)(p(base_hop_fake, self))
         self.py_impl(ProxyTorchDispatchMode)(p(base_hop_proxy, self))
-        # Dynamo and Inductor are registered when (and if) they are imported,
-        # so that `import hopkit` imports neither.
-        _compat.register_dynamo_variable(self)
-        _compat.register_inductor_lowering(self, base_hop_inductor)
+        # Dynamo variable: hopkit/base_hop/_dynamo.py. Inductor lowering (fuse
+        # a pointwise body, else inline): hopkit/inductor/hop_lowering.py,
+        # imported here rather than at module level because hopkit.inductor
+        # sits above base_hop. Both are registered through hopkit._patch when
+        # (and if) Dynamo and Inductor are imported, so that creating a HOP
+        # imports neither.
+        from hopkit.inductor import hop_lowering
+
+        _dynamo.register_dynamo_variable(self)
+        hop_lowering.register_inductor_lowering(self)
         # NOTE [BaseHOP plain-eager fast path]: on from here; py_impl turns it
         # off again if a subclass then registers a rule of its own.
         self._fast_path = True
@@ -324,7 +334,7 @@ def _check_new_hop_name(cls: type, name: str) -> None:
             f"(it becomes torch.ops.higher_order.<name>), but got {name!r}; pick a "
             f"name like 'my_invoke_quant'."
         )
-    if _compat.hop_namespace_reserves(name):
+    if _names.hop_namespace_reserves(name):
         raise ValueError(
             f"hopkit: the HOP name {name!r} is an attribute of the namespace "
             f"torch.ops.higher_order itself, so torch.ops.higher_order.{name} could "
@@ -332,7 +342,7 @@ def _check_new_hop_name(cls: type, name: str) -> None:
             f"pick a name that does not start with an underscore, e.g. "
             f"'my{name.strip('_') and '_' + name.strip('_')}'."
         )
-    existing = _compat.registered_hop(name)
+    existing = _names.registered_hop(name)
     if existing is None:
         return
     same_class = (
@@ -370,16 +380,24 @@ def base_hop_dense(hop: BaseHOP, /, *args: Any, **kwargs: Any) -> Any:
 # hopkit's own forward/backward graphs return saved activations, which may be
 # views of the operands or of each other; only hopkit's backward reads them, so
 # the user-facing aliasing check does not apply to them.
+# The mark is kept as an attribute and, on GraphModules, in `gm.meta` too:
+# backends copy subgraph modules (torch 2.15's AOTAutograd rebuilds them),
+# and GraphModule's copies keep `meta` but not other attributes.
 _INTERNAL = "_hopkit_internal"
 
 
 def _is_internal(subgraph: Any) -> bool:
-    return bool(getattr(subgraph, _INTERNAL, False))
+    if getattr(subgraph, _INTERNAL, False):
+        return True
+    meta = getattr(subgraph, "meta", None)
+    return isinstance(meta, dict) and bool(meta.get(_INTERNAL, False))
 
 
 def _mark_internal(gm: Any, like: Any = True) -> None:
     if like is True or _is_internal(like):
         setattr(gm, _INTERNAL, True)
+        if isinstance(gm, torch.fx.GraphModule):
+            gm.meta[_INTERNAL] = True
 
 
 def _storage_key(t: torch.Tensor) -> int | None:
@@ -523,7 +541,7 @@ def _build_autograd_plan(hop: BaseHOP, leading: tuple[Any, ...], subgraph: Any,
     def joint(primals: list[Any], tangents: list[Any]) -> Any:
         out = fn(*primals)
         outs = _flat_outputs(hop, out)
-        _compat.tag_traced_nodes_as_forward()
+        _tracing.tag_traced_nodes_as_forward()
         record["single"] = not isinstance(out, (tuple, list))
         record["requires_grad"] = [isinstance(o, torch.Tensor) and o.requires_grad for o in outs]
         pairs = [(o, t) for o, t in zip(outs, tangents) if isinstance(o, torch.Tensor) and o.requires_grad]
@@ -538,7 +556,7 @@ def _build_autograd_plan(hop: BaseHOP, leading: tuple[Any, ...], subgraph: Any,
                 )
         return (*outs, *grads)
 
-    with _compat.tracing_fresh_examples(operands) as (examples, trace):
+    with _tracing.tracing_fresh_examples(operands) as (examples, trace):
         with torch.enable_grad():
             with torch.no_grad():
                 probe, mutated = _probe_outputs(fn, examples)
@@ -653,7 +671,14 @@ def _flat_outputs(hop: BaseHOP, out: Any) -> tuple[Any, ...]:
 
 def _partition(hop: BaseHOP, joint_gm: torch.fx.GraphModule, operands: Sequence[Any],
                num_outputs: int, record: dict[str, Any]) -> _AutogradPlan:
-    fw, bw = _compat.default_partition(joint_gm, num_fwd_outputs=num_outputs)
+    # Effectful ops in the joint (also torch's own, aten::_print) stay in the
+    # forward: NOTE [Effect tokens inside subgraphs]. A function-level import:
+    # effects sits below base_hop, but its regions module imports the HOP
+    # machinery lazily too, and base_hop needs it only when partitioning.
+    from hopkit.effects._regions import subgraph_joint_partition
+
+    with subgraph_joint_partition():
+        fw, bw = _tracing.default_partition(joint_gm, num_fwd_outputs=num_outputs)
     fw_out_node = fw.graph.find_nodes(op="output")[0]
     fw_outs = list(fw_out_node.args[0])
     # Saved operands are passed from the caller's tensors, not returned by the
@@ -764,7 +789,7 @@ def base_hop_functionalize(hop: BaseHOP, ctx: Any, /, *args: Any, **kwargs: Any)
     functional = _FunctionalSubgraph(hop, ctx.functionalize, body, groups, operands)
     _mark_internal(functional, like=subgraph)
     # Effectful ops in the body order the whole call by effect tokens:
-    # NOTE [Effect tokens inside subgraphs] in hopkit/effects.py.
+    # NOTE [Effect tokens inside subgraphs] in hopkit/effects/_regions.py.
     from hopkit.effects import subgraph_effects
 
     with subgraph_effects(ctx, hop), ctx.redispatch_to_next():
@@ -776,12 +801,22 @@ def base_hop_functionalize(hop: BaseHOP, ctx: Any, /, *args: Any, **kwargs: Any)
     for g in all_groups:
         if g.span is None and any(i in mutated for i in g.members):
             a, b = g.members[0], g.members[1]
+            if operands[a].dtype != operands[b].dtype:
+                raise RuntimeError(
+                    f"hopkit: {hop._name}'s subgraph mutates an operand that shares "
+                    f"memory with another of a different dtype (operands {a} and {b}: "
+                    f"{operands[a].dtype} and {operands[b].dtype}), so functionalization "
+                    f"cannot keep them in step; pass one of them and take the other "
+                    f"inside the subgraph (x.view(dtype))."
+                )
             raise RuntimeError(
-                f"hopkit: {hop._name}'s subgraph mutates an operand that shares "
-                f"memory with another of a different dtype (operands {a} and {b}: "
-                f"{operands[a].dtype} and {operands[b].dtype}), so functionalization "
-                f"cannot keep them in step; pass one of them and take the other "
-                f"inside the subgraph (x.view(dtype))."
+                f"hopkit: {hop._name}'s subgraph mutates operand {a if a in mutated else b}, "
+                f"which shares memory with operand {b if a in mutated else a}, but this "
+                f"functionalization replays views as copies (e.g. torch.func.functionalize("
+                f"..., remove='mutations_and_views')), which hides where the two overlap, "
+                f"so the mutation cannot be replayed on both; use remove='mutations', or "
+                f"pass the tensor they are views of as one operand and take the views "
+                f"inside the subgraph."
             )
     for i, new_value in zip(mutated, res[num_outputs:]):
         target = operands[i]
@@ -871,10 +906,12 @@ def _aliasing_groups(operands: Sequence[Any]) -> list[_AliasingGroup]:
             spans.append((current, lo, hi))
     groups = []
     for members, lo, hi in spans:
-        if len({operands[i].dtype for i in members}) > 1:
+        if len({operands[i].dtype for i in members}) > 1 or not _layout_is_real(
+                [operands[i] for i in members]):
             # Views of one memory as different dtypes cannot share a flat
-            # tensor; they stay apart, and base_hop_functionalize refuses a
-            # mutation of one of them.
+            # tensor, and neither can views whose strides and offsets are
+            # those of copies; they stay apart, and base_hop_functionalize
+            # refuses a mutation of one of them.
             groups.append(_AliasingGroup(tuple(members), None, ()))
             continue
         geometry = tuple(
@@ -884,6 +921,29 @@ def _aliasing_groups(operands: Sequence[Any]) -> list[_AliasingGroup]:
         )
         groups.append(_AliasingGroup(tuple(members), hi - lo + 1, geometry))
     return groups
+
+
+def _layout_is_real(members: Sequence[torch.Tensor]) -> bool:
+    """Whether the functional wrappers' strides and offsets are the aliasing ones.
+
+    Functionalization that replays views as copies (view_copy ops, as
+    ``torch.func.functionalize(remove="mutations_and_views")`` does) gives a
+    view wrapper the layout of its copy (offset 0, contiguous): its inner
+    value then lives in a storage of its own, while with real views all inner
+    values share one.
+    """
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    storages = set()
+    for t in members:
+        inner = t.elem if isinstance(t, FunctionalTensor) else t
+        if torch._is_functional_tensor(inner):
+            inner = torch._from_functional_tensor(inner)
+        try:
+            storages.add(inner.untyped_storage()._cdata)
+        except (RuntimeError, NotImplementedError):
+            return False
+    return len(storages) == 1
 
 
 class _FunctionalSubgraph(FunctionWithNoFreeVars):
@@ -918,11 +978,11 @@ class _FunctionalSubgraph(FunctionWithNoFreeVars):
             new_values: list[Any] = []
             for i, a in enumerate(fargs):
                 if i not in grouped and isinstance(a, torch.Tensor) and \
-                        _compat.was_mutated(a, hop._name, i):
+                        _tracing.was_mutated(a, hop._name, i):
                     mutated.append(i)
                     new_values.append(a)
             for g, flat in zip(groups, flats):
-                if _compat.was_mutated(flat, hop._name, g.members[0]):
+                if _tracing.was_mutated(flat, hop._name, g.members[0]):
                     mutated.extend(g.members)
                     # Fresh tensors with each member's own strides: the
                     # caller's functionalization scatters them back through
@@ -996,7 +1056,7 @@ def base_hop_proxy(hop: BaseHOP, mode: ProxyTorchDispatchMode, /, *args: Any, **
         body = _with_constants(body, len(operands), constants)
         operands = tuple(x for i, x in enumerate(operands) if i not in constants)
     gm = reenter_make_fx(body)(*operands)
-    name = _fresh_attr_name(tracer.root, "subgraph")
+    name = _fx.fresh_attr_name(tracer.root, "subgraph")
     tracer.root.register_module(name, gm)
     node_args = (*leading, gm, *operands)
     proxy_args = pytree.tree_map(tracer.unwrap_proxy, node_args)
@@ -1005,7 +1065,7 @@ def base_hop_proxy(hop: BaseHOP, mode: ProxyTorchDispatchMode, /, *args: Any, **
     # Under fake tracing the trace already computed the (fake) outputs: take
     # them from it rather than running the body a second time.
     traced_bare = body is subgraph and hop._has_context
-    out = _output_vals(gm) if _compat.all_fake(operands) and not traced_bare else None
+    out = _output_vals(gm) if _tracing.all_fake(operands) and not traced_bare else None
     if out is None or any(
         v is None for v in pytree.tree_leaves(out, is_leaf=lambda v: v is None)
     ):
@@ -1026,29 +1086,6 @@ def _with_constants(body: Callable[..., Any], n: int,
     return with_constants
 
 
-def _fresh_attr_name(root: torch.nn.Module, prefix: str) -> str:
-    i = 0
-    while hasattr(root, f"{prefix}_{i}"):
-        i += 1
-    return f"{prefix}_{i}"
-
-
-# ---------------------------------------------------------------------------
-# Rule: Inductor
-# ---------------------------------------------------------------------------
-
-
-def base_hop_inductor(hop: BaseHOP, /, *args: Any, **kwargs: Any) -> Any:
-    """Lower into the surrounding graph: fuse a pointwise body, else inline it."""
-    leading, subgraph, operands = hop._split(args)
-    gm = subgraph.graph_module
-    if hop.inductor_mode != "inline":
-        lowered = _compat.lower_pointwise_hop(hop, gm, operands, require=hop.inductor_mode == "fuse")
-        if lowered is not None:
-            return lowered
-    return _compat.inline_subgraph_into_graph_lowering(gm, operands)
-
-
 # ---------------------------------------------------------------------------
 # gen_schema
 # ---------------------------------------------------------------------------
@@ -1064,7 +1101,7 @@ def _gen_schema(hop: BaseHOP, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
             f"hopkit: {hop._name}.gen_schema needs the subgraph as a GraphModule "
             f"or a callable, but got {type(subgraph).__name__}."
         )
-    with _compat.tracing_fresh_examples(operands, requires_grad=False) as (examples, trace):
+    with _tracing.tracing_fresh_examples(operands, requires_grad=False) as (examples, trace):
         before = [x._version if isinstance(x, torch.Tensor) else None for x in examples]
         gm = trace(hop._bind(leading, subgraph, kwargs))(*examples)
         mutated = {
@@ -1089,18 +1126,3 @@ def _gen_schema(hop: BaseHOP, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
 def _output_vals(gm: torch.fx.GraphModule) -> Any:
     out = gm.graph.find_nodes(op="output")[0].args[0]
     return pytree.tree_map_only(torch.fx.Node, lambda n: n.meta.get("val"), out)
-
-
-# torch.export.load resolves `torch.ops.higher_order.<name>` by name, so the HOPs
-# hopkit ships must exist by then. They are created when torch's deserializer
-# is first imported rather than at `import hopkit`. (A user's own HOP, like a
-# custom op, needs its defining module imported before loading.)
-_SHIPPED_HOP_MODULES = ("hopkit.effects", "hopkit.export")
-
-
-def _create_shipped_hops(_: types.ModuleType) -> None:
-    for module in _SHIPPED_HOP_MODULES:
-        importlib.import_module(module)
-
-
-_compat.when_imported("torch._export.serde.serialize", _create_shipped_hops)

@@ -12,7 +12,7 @@ It appears as ``torch.ops.higher_order.hopkit_wrap_with_autocast``; the four
 configuration arguments are positional and come before the subgraph, as in
 torch's own (Python-only) ``wrap_with_autocast``, so graphs read the same.
 
-Every rule comes from :class:`hopkit.BaseHOP` (hopkit/base_hop.py): dense,
+Every rule comes from :class:`hopkit.BaseHOP` (hopkit/base_hop/): dense,
 autograd, functionalize, fake, proxy, the Dynamo variable and the Inductor
 lowering; this class only names its positional configuration
 (``leading_config``) and the context those rules run the subgraph under
@@ -20,7 +20,7 @@ lowering; this class only names its positional configuration
 AOTAutograd, ``run_decompositions``) the casts become explicit ops of the
 traced body, so Inductor can lower the body like any other: there is no
 autocast in Inductor IR. Backward runs outside the autocast state, as in eager
-(NOTE [BaseHOP autograd: one joint trace, partitioned, cached]).
+(NOTE [BaseHOP autograd: one joint trace, partitioned] in hopkit/base_hop).
 
 ``replace_autocast_with_hop_pass`` (``_pass.py``) produces calls of this HOP
 from the ``_enter_autocast`` / ``_exit_autocast`` pairs of pre-dispatch graphs.

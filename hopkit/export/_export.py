@@ -4,8 +4,8 @@
     gm, sig = inline_autocast_hops_pass(gm, sig)      # HOP calls back to enter/exit pairs
 
 ``export`` is ``torch.export.export`` with hopkit's
-``replace_autocast_with_hop_pass`` in place of torch's in-tree pass (the
-swap is the shim ``hopkit._compat.export_with_autocast_pass``). Everything
+``replace_autocast_with_hop_pass`` in place of torch's in-tree pass (NOTE
+[Swapping torch.export's autocast pass, per thread] below). Everything
 else about the export is torch's: the same arguments, the same pre-dispatch
 (training) IR, the same verifier.
 
@@ -28,7 +28,11 @@ import torch
 import torch.fx
 from torch.export.graph_signature import ExportGraphSignature
 
-from hopkit import _compat
+import threading
+from collections.abc import Callable, Iterator
+import contextlib
+
+from hopkit import _patch
 from hopkit.export._autocast_hop import config_problems, wrap_with_autocast
 from hopkit.export._pass import (
     _ENTER,
@@ -78,8 +82,51 @@ def export(
             ``kwargs`` not a mapping, before anything is traced.
     """
     _check_export_args(mod, args, kwargs)
-    with _compat.export_with_autocast_pass(replace_autocast_with_hop_pass):
+    with _hopkit_autocast_pass():
         return torch.export.export(mod, args, kwargs, **export_kwargs)
+
+
+# NOTE [Swapping torch.export's autocast pass, per thread]
+# torch.export (2.11-2.15) runs its autocast pass by importing
+# `replace_autocast_with_hop_pass` from
+# torch._export.passes.replace_autocast_with_hop_pass when it runs
+# (`_produce_aten_artifact` in torch/export/_trace.py); it takes no pass as
+# an argument. On the first hopkit.export.export, hopkit._patch replaces that
+# module attribute with a dispatcher that runs hopkit's pass on threads inside
+# hopkit.export.export and torch's own pass everywhere else, so a plain
+# torch.export.export (on another thread, or after ours) gets torch's pass
+# exactly. Can go when torch.export accepts the pass as an argument.
+
+_AUTOCAST_PASS_MODULE = "torch._export.passes.replace_autocast_with_hop_pass"
+_in_hopkit_export = threading.local()
+
+
+def _dispatching_pass(original: Callable[..., Any]) -> Callable[..., Any]:
+    def replace_autocast_with_hop_pass_for_this_thread(*args: Any, **kwargs: Any) -> Any:
+        if getattr(_in_hopkit_export, "depth", 0):
+            return replace_autocast_with_hop_pass(*args, **kwargs)
+        return original(*args, **kwargs)
+
+    return replace_autocast_with_hop_pass_for_this_thread
+
+
+@contextlib.contextmanager
+def _hopkit_autocast_pass() -> Iterator[None]:
+    patch = _patch.patch_function(
+        _AUTOCAST_PASS_MODULE, "replace_autocast_with_hop_pass", _dispatching_pass,
+        why="run hopkit's autocast pass inside hopkit.export.export",
+    )
+    if patch is None:
+        raise RuntimeError(
+            f"hopkit: this torch has no {_AUTOCAST_PASS_MODULE}.replace_autocast_with_hop_pass "
+            "for hopkit.export.export to replace; export with torch.export.export and run "
+            "hopkit.export.replace_autocast_with_hop_pass on the pre-dispatch graph yourself."
+        )
+    _in_hopkit_export.depth = getattr(_in_hopkit_export, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _in_hopkit_export.depth -= 1
 
 
 def _check_export_args(mod: Any, args: Any, kwargs: Any) -> None:

@@ -304,7 +304,7 @@ def _is_view(node: torch.fx.Node) -> bool:
 
 
 def _compute_interfaces(graph: torch.fx.Graph, scan: _Scan, dropped: set[torch.fx.Node]) -> None:
-    """NOTE [Linear autocast pass], step 2: inputs and outputs of every region."""
+    """NOTE [Linear autocast pass], step 3: inputs and outputs of every region."""
     owner = scan.owner
     for m in graph.nodes:
         if m not in owner or m in dropped:  # enter / exit, dead code
@@ -632,7 +632,7 @@ def _recomputable(node: torch.fx.Node, placeholders: dict[torch.fx.Node, torch.f
 def _emit(
     gm: torch.fx.GraphModule, scan: _Scan, dropped: set[torch.fx.Node], memo: _Memo
 ) -> torch.fx.GraphModule:
-    """NOTE [Linear autocast pass], step 3: one copy of every node."""
+    """NOTE [Linear autocast pass], step 4: one copy of every node."""
     old = gm.graph
     top_graph = torch.fx.Graph(tracer_cls=old._tracer_cls, tracer_extras=old._tracer_extras)
     top_graph._codegen = copy.deepcopy(old._codegen)
