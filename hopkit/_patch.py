@@ -44,6 +44,7 @@ __all__ = [
     "live_patches",
     "patch_function",
     "set_entry",
+    "set_membership",
     "undo_all",
     "when_imported",
 ]
@@ -180,6 +181,34 @@ def set_entry(table: dict[Any, Any], key: Any, value: Any, *, name: str) -> Patc
 
             return _register(Patch(name, undo_both))
         return _register(Patch(name, undo))
+
+
+def set_membership(container: set[Any], item: Any, present: bool, *, name: str) -> None:
+    """Add ``item`` to (or take it out of) one of torch's sets, e.g. FX's set of
+    impure call targets; the first change records torch's own state, and a
+    change back to it (or undo) removes the patch."""
+    with _lock:
+        existing = _live.get(name)
+        if existing is None:
+            before = item in container
+            if before == present:
+                return
+
+            def undo() -> None:
+                if before:
+                    container.add(item)
+                else:
+                    container.discard(item)
+
+            patch = _register(Patch(name, undo))
+            patch.original_state = before  # type: ignore[attr-defined]
+        elif present == getattr(existing, "original_state", None):
+            existing.undo()
+            return
+        if present:
+            container.add(item)
+        else:
+            container.discard(item)
 
 
 # ---------------------------------------------------------------------------

@@ -244,3 +244,18 @@ def test_missing_patch_site_warns_naming_it() -> None:
         "hopkit: torch has no torch.fx.no_such_function, which hopkit patches to do "
         "something; that feature is degraded on this torch release. Please report this."
     ]
+
+
+def test_set_membership_records_torchs_state_and_undo_restores() -> None:
+    table: set[str] = {"torchs"}
+    _patch.set_membership(table, "mine", True, name="test-set[mine]")
+    assert table == {"torchs", "mine"}
+    assert [p.key for p in _patch.live_patches()][-1] == "test-set[mine]"
+    _patch.set_membership(table, "mine", False, name="test-set[mine]")  # back to torch's
+    assert table == {"torchs"} and "test-set[mine]" not in [p.key for p in _patch.live_patches()]
+    _patch.set_membership(table, "torchs", True, name="test-set[torchs]")  # no change: no patch
+    assert "test-set[torchs]" not in [p.key for p in _patch.live_patches()]
+    _patch.set_membership(table, "torchs", False, name="test-set[torchs]")
+    (patch,) = [p for p in _patch.live_patches() if p.key == "test-set[torchs]"]
+    patch.undo()
+    assert table == {"torchs"}

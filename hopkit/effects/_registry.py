@@ -24,6 +24,8 @@ import threading
 from typing import Any, Union
 
 import torch
+
+from hopkit import _patch
 from torch._C import DispatchKey
 from torch._ops import HigherOrderOperator, OpOverload, OpOverloadPacket
 
@@ -156,10 +158,8 @@ def set_side_effectful(fn: Any, flag: bool) -> None:
     """
     from torch.fx import node as fx_node
 
-    if flag:
-        fx_node._side_effectful_functions.add(fn)
-    else:
-        fx_node._side_effectful_functions.discard(fn)
+    _patch.set_membership(fx_node._side_effectful_functions, fn, flag,
+                          name=f"torch.fx.node._side_effectful_functions[{fn}]")
 
 
 class EffectRegistrationHandle:
