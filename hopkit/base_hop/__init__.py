@@ -78,7 +78,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import ProxyTorchDispatchMode
 
 from hopkit import _dispatch, _fx
-from hopkit.base_hop import _dynamo, _names, _tracing
+from hopkit.base_hop import _dynamo, _functorch, _names, _tracing
 
 __all__ = ["BaseHOP", "FunctionWithNoFreeVars"]
 
@@ -287,6 +287,12 @@ class BaseHOP(HigherOrderOperator):
 
         _dynamo.register_dynamo_variable(self)
         hop_lowering.register_inductor_lowering(self)
+        # torch.func transforms (vmap, grad, jvp): hopkit/base_hop/_functorch.py.
+        _functorch.register_functorch_rules(self)
+        # torch.export.save / load of the HOP's nodes: hopkit/_serialization.py.
+        from hopkit import _serialization
+
+        _serialization.register_serialization(self)
         # NOTE [BaseHOP plain-eager fast path]: on from here; py_impl turns it
         # off again if a subclass then registers a rule of its own.
         self._fast_path = True
@@ -554,6 +560,7 @@ def _build_autograd_plan(hop: BaseHOP, leading: tuple[Any, ...], subgraph: Any,
                 grads = torch.autograd.grad(
                     [o for o, _ in pairs], diff, [t for _, t in pairs], allow_unused=True
                 )
+        _tracing.tag_traced_nodes_as_backward()
         return (*outs, *grads)
 
     with _tracing.tracing_fresh_examples(operands) as (examples, trace):

@@ -17,6 +17,7 @@ import torch
 __all__ = [
     "all_fake",
     "default_partition",
+    "tag_traced_nodes_as_backward",
     "tag_traced_nodes_as_forward",
     "tracing_fresh_examples",
     "was_mutated",
@@ -82,6 +83,10 @@ def tag_traced_nodes_as_forward() -> None:
             node.meta["partitioner_tag"] = "is_backward"
         else:
             node.meta["partitioner_tag"] = "is_forward"
+
+
+def tag_traced_nodes_as_backward() -> None:
+    """Mark every node traced since ``tag_traced_nodes_as_forward`` as backward (not yet)."""
 
 
 def default_partition(joint: torch.fx.GraphModule, num_fwd_outputs: int) -> tuple[
