@@ -214,3 +214,55 @@ def owning_bindings_hold_tensors_by_value() -> bool:
     """
     return torch_at_least("2.14")
 
+
+
+# ---------------------------------------------------------------------------
+# activation checkpointing (hopkit.effects)
+# ---------------------------------------------------------------------------
+
+
+def non_reentrant_checkpoint_generator_name() -> str:
+    """The name, in ``torch.utils.checkpoint``, of the generator that sets up
+    non-reentrant checkpointing (``context_fn``, recomputation hooks) and that
+    ``checkpoint`` looks up at call time.
+
+    torch 2.14 moved the body to ``_checkpoint_without_reentrant_generator_impl``
+    (taking the region's args/kwargs as explicit parameters) and kept the old
+    name as a shim that ``checkpoint`` no longer calls; 2.11-2.13 have only
+    ``_checkpoint_without_reentrant_generator``. Can go when hopkit requires
+    torch >= 2.14.
+    """
+    if torch_at_least("2.14"):
+        return "_checkpoint_without_reentrant_generator_impl"
+    return "_checkpoint_without_reentrant_generator"
+
+
+# ---------------------------------------------------------------------------
+# FX code generation (hopkit.base_hop configuration)
+# ---------------------------------------------------------------------------
+
+
+def fx_codegen_constant_check_name() -> str:
+    """The name under which ``torch.fx.graph`` binds the check its code
+    generator asks whether a value is an opaque constant it writes with
+    ``get_opaque_obj_repr`` (hopkit rebinds it: hopkit/base_hop/_config.py).
+
+    torch 2.14 renamed it ``is_opaque_constant_type``; 2.11-2.13 call it
+    ``is_opaque_value_type``. Can go when hopkit requires torch >= 2.14.
+    """
+    if torch_at_least("2.14"):
+        return "is_opaque_constant_type"
+    return "is_opaque_value_type"
+
+
+def frozen_dataclass_field_variable(vt: Any, name: str) -> Any:
+    """The VariableTracker of field ``name`` of Dynamo's ``FrozenDataClassVariable``.
+
+    torch 2.11 keeps the fields' variables in ``vt.fields`` (a dict);
+    2.12+ look them up with ``vt._get_field_vt(name)``. Can go when hopkit
+    requires torch >= 2.12.
+    """
+    get = getattr(vt, "_get_field_vt", None)
+    if get is not None:
+        return get(name)
+    return vt.fields[name]

@@ -86,7 +86,31 @@ def tag_traced_nodes_as_forward() -> None:
 
 
 def tag_traced_nodes_as_backward() -> None:
-    """Mark every node traced since ``tag_traced_nodes_as_forward`` as backward (not yet)."""
+    """Mark every node traced since ``tag_traced_nodes_as_forward`` as backward.
+
+    Called after the grads of the joint are traced. hopkit's partitioner hook
+    pins an effectful call that is not marked backward to the forward graph
+    (NOTE [Effect tokens inside subgraphs] in hopkit/effects/_regions.py); an
+    effect of the backward (an op's autograd formula logs its gradient) left
+    unmarked would be pinned there too, and the partitioner would fail
+    ("Node ... was invalid, but is output"). The mark is hopkit's own meta key
+    (``BACKWARD_MARK``), read by that hook, not torch's "is_backward"
+    partitioner tag: the tag would also change where torch's partitioner
+    places mutations of this functionalization-free joint, turning hopkit's
+    clear refusal of an update through a view into a wrong gradient.
+    """
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    mode = get_proxy_mode()
+    if mode is None:
+        return
+    for node in mode.tracer.graph.nodes:
+        if "partitioner_tag" not in node.meta and node.op != "output":
+            node.meta[BACKWARD_MARK] = True
+
+
+#: The meta key of tag_traced_nodes_as_backward.
+BACKWARD_MARK = "hopkit_joint_backward"
 
 
 def default_partition(joint: torch.fx.GraphModule, num_fwd_outputs: int) -> tuple[

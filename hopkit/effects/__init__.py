@@ -30,6 +30,9 @@ Where each piece lives:
   handling to hopkit and teach token unlifting, the partitioners and
   ``torch.export``'s token removal about hopkit's HOP (NOTE [hopkit effects
   inside torch's token machinery]), installed on first use;
+- ``_checkpoint.py``: eager activation checkpointing (plain, reentrant,
+  selective) reusing effectful outputs instead of recomputing them (NOTE
+  [Effects under activation checkpointing]), installed with the rest;
 - ``hopkit/inductor/effects_lowering.py``: the Inductor lowering of
   ``hopkit_with_effects``, registered when Inductor is imported, so that
   importing this package never imports Inductor.

@@ -62,17 +62,6 @@ class WithEffects(HigherOrderOperator):
     def __call__(
         self, token: Any, op: OpType, /, *args: Any, **kwargs: Any
     ) -> tuple[Any, ...]:
-        # None: the token AOTAutograd's runtime wrappers pass to compiled
-        # graphs (tokens carry no data, so torch feeds None at run time).
-        # torch.fx.Proxy: a token under torch.fx.symbolic_trace.
-        if token is not None and not isinstance(token, _TOKEN_TYPES):
-            raise _bad_token(token)
-        try:
-            checked = op in _CHECKED_OPS
-        except TypeError:  # unhashable: certainly not an op
-            checked = False
-        if not checked:
-            _check_wrappable(self, op)
         # NOTE [with_effects fast path]: with plain tensors and nothing
         # intercepting dispatch, HigherOrderOperator dispatch would end in the
         # dense rule anyway (autograd falls through, the op handles its own);
@@ -84,14 +73,41 @@ class WithEffects(HigherOrderOperator):
         # (non-subclass, non-functional) tensors only.
         # Not hopkit._dispatch.nothing_intercepts_dispatch, deliberately: it
         # reads every tensor's dispatch key set and torch's Python-level
-        # pre-dispatch mode stack, which measured ~0.9us more per call (2.1us
-        # -> 3.0us for a trivial op, whose own call is 1.1us) and takes the
-        # aot_eager row of benchmarks/bench_effects.py from ~1.07x to ~1.12x
-        # unregistered, past its 1.10x target. It is also stricter than needed
-        # here: the dense rule calls ``op`` through the full dispatcher, so a
-        # sparse, nested or conjugated plain-typed tensor is handled by the
-        # op's own kernels; only what would take the *HOP* call elsewhere (a
-        # mode, a transform, functionalization, a subclass) must be refused.
+        # pre-dispatch mode stack, which costs ~1us more per call than the
+        # checks below (benchmarks/bench_effects.py's aot_eager row must stay
+        # within 1.05x unregistered). It is also stricter than needed here:
+        # the dense rule calls ``op`` through the full dispatcher, so a sparse,
+        # nested or conjugated plain-typed tensor is handled by the op's own
+        # kernels; only what would take the *HOP* call elsewhere (a mode, a
+        # transform, functionalization, a subclass) must be refused.
+        # The checks are ordered cheapest first; a compiled graph's calls pass
+        # None (the first) or _RUNTIME_TOKEN (every later one) as the token,
+        # recognised by identity, and an op already checked by identity in
+        # _CHECKED_IDS (OpOverload's __hash__ is Python code, ~0.1us).
+        if (
+            (token is None or token is _RUNTIME_TOKEN)
+            and not kwargs
+            and _CHECKED_IDS.get(id(op)) is op
+            and not (_dispatch_stack_len() or _torch_function_mode_on() or _functorch_on())
+            and _plain_args(args)
+            and not _tls_included(_FUNCTIONALIZE)
+            and not _tls_included(_PRE_DISPATCH)
+        ):
+            out = op(*args)
+            if type(out) is tuple:
+                return (_RUNTIME_TOKEN, *out)
+            return (_RUNTIME_TOKEN, out)
+        # None: the token AOTAutograd's runtime wrappers pass to compiled
+        # graphs (tokens carry no data, so torch feeds None at run time).
+        # torch.fx.Proxy: a token under torch.fx.symbolic_trace.
+        if token is not None and not isinstance(token, _TOKEN_TYPES):
+            raise _bad_token(token)
+        try:
+            checked = op in _CHECKED_OPS
+        except TypeError:  # unhashable: certainly not an op
+            checked = False
+        if not checked:
+            _check_wrappable(self, op)
         if (
             not (
                 _dispatch_stack_len()
@@ -141,9 +157,13 @@ def _check_wrappable(hop: WithEffects, op: Any) -> None:
             "functional (mutates_args=(), fresh outputs)."
         )
     _CHECKED_OPS.add(op)
+    _CHECKED_IDS[id(op)] = op
 
 
 _CHECKED_OPS: set[Any] = set()
+# id(op) -> op for the ops in _CHECKED_OPS; holding the op keeps its id from
+# being reused by another object.
+_CHECKED_IDS: dict[int, Any] = {}
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 # What a token may be (besides None): a tensor of any kind (plain, fake,
 # functional, tracked by make_fx), or an FX proxy under symbolic tracing.
@@ -160,6 +180,22 @@ _is_functional = torch._is_functional_tensor
 # written, so one shared empty tensor serves every call (allocating one costs
 # about as much as the rest of the fast path).
 _RUNTIME_TOKEN = torch.empty(0)
+
+
+def _plain_args(values: tuple[Any, ...]) -> bool:
+    """_all_plain for the fast path's common case, inlined: plain tensors and
+    Python scalars (lists, tuples and anything else go to _all_plain)."""
+    for v in values:
+        t = type(v)
+        if t is _Tensor:
+            if _is_functional(v):
+                return False
+        elif t is not int and t is not float and t is not bool and v is not None:
+            return _all_plain(values)
+    return True
+
+
+_Tensor = torch.Tensor
 
 
 def _all_plain(values: Any) -> bool:
@@ -332,6 +368,8 @@ for _transform in functorch_transforms():
 #   Inductor token unlifting        torch._functorch._aot_autograd.utils.unlift_tokens
 #   eager input values              torch.fx.experimental.proxy_tensor._should_save_eager_input_vals
 #   ep.module() / unflatten         torch.export._remove_effect_tokens_pass._remove_effect_tokens
+#   eager activation checkpointing  torch.utils.checkpoint's non-reentrant generator and
+#                                   CheckpointFunction: hopkit/effects/_checkpoint.py
 #   Inductor lowering               torch._inductor.lowering.lowerings[with_effects]:
 #                                   hopkit/inductor/effects_lowering.py
 # Elsewhere in hopkit.effects, not through hopkit._patch:

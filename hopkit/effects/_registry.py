@@ -211,6 +211,18 @@ def register_effectful_op(
     ``torch.export`` programs after ``run_decompositions()``, every call of the
     op is threaded through :data:`with_effects`: the calls keep program order,
     run exactly once each, and a call whose result is unused is kept.
+    Exactly once also holds in backward (an effect in the op's autograd
+    formula, or in a custom ``autograd.Function``'s backward, runs once per
+    backward), inside hopkit HOP bodies, and under activation checkpointing
+    of every style: recomputation reuses the outputs the effectful call
+    produced in forward, and a selective-checkpointing policy answering
+    ``MUST_RECOMPUTE`` for the op is refused with an error naming it (NOTE
+    [Effects under activation checkpointing] in hopkit/effects/_checkpoint.py).
+    Under ``torch.func.grad`` the forward call runs once and its backward
+    once. Under ``torch.func.vmap`` an op without a vmap rule of its own runs
+    once per example, in example order (torch's per-example fallback), in
+    eager and compiled alike; an op with a vmap rule
+    (``torch.library.register_vmap``) runs as that rule says.
     The op must be functional: an op that mutates or aliases its inputs is
     rejected, because a token cannot stand in for the data dependence that a
     mutation creates. Registering an op again overrides the earlier

@@ -129,6 +129,11 @@ def install() -> None:
                 patches.append(patch)
         _patch.when_imported(_PARTITIONERS, _patch_force_save_effectful_ops,
                              why="keep the partitioner from recomputing hopkit's effects")
+        # Eager activation checkpointing (NOTE [Effects under activation
+        # checkpointing] in hopkit/effects/_checkpoint.py).
+        from hopkit.effects._checkpoint import install_checkpoint_hooks
+
+        install_checkpoint_hooks()
         # Imported here, not at the top: hopkit.inductor sits above
         # hopkit.effects (it lowers this family's HOP), and the lowering is
         # registered only when (and if) Inductor is imported.
@@ -200,7 +205,19 @@ def _force_save_effectful_ops(mod: types.ModuleType, original: Any) -> Any:
     def force_save_effectful_ops(joint_module: torch.fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
         token_tags: list[tuple[torch.fx.Node, Any]] = []
         for node in joint_module.graph.nodes:
-            if mod._has_tag_is_backward(node):
+            # hopkit's mark of a BaseHOP joint's backward: the key of
+            # tag_traced_nodes_as_backward in hopkit/base_hop/_tracing.py
+            # (a string here: base_hop sits above effects).
+            if mod._has_tag_is_backward(node) or node.meta.get("hopkit_joint_backward"):
+                if _pinned_to_forward(node):
+                    # The same kind of call made by the backward (an op's
+                    # autograd formula logs its gradient): it is impure too,
+                    # so forward extraction would copy it into the forward
+                    # whenever it reads forward values only; pin it to the
+                    # backward, where it runs once.
+                    node.meta["partitioner_tag"] = "must_be_in_backward"
+                continue
+            if node.meta.get("partitioner_tag") == "must_be_in_backward":
                 continue
             if _pinned_to_forward(node):
                 # An effectful op called without a token: the joint graph of a
