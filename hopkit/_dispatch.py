@@ -11,17 +11,24 @@ subclass or an active mode makes every one of them take the dispatcher).
 ``with_effects`` keeps a cheaper check of its own, measured to matter there
 (NOTE [with_effects fast path] in hopkit/effects/_hop.py).
 
+It also answers "is a trace being recorded?" (``tracing_underway``), the
+question behind BaseHOP's eager rules under dispatch modes and tensor
+subclasses (NOTE [BaseHOP in eager under modes and subclasses] in
+hopkit/base_hop), and suspends a user's dispatch modes while hopkit traces
+internally (``user_modes_suspended``).
+
 It imports nothing from hopkit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 
-__all__ = ["nothing_intercepts_dispatch"]
+__all__ = ["nothing_intercepts_dispatch", "tracing_underway", "user_modes_suspended"]
 
 # Dispatch keys a plain dense tensor carries; a tensor with any other key
 # (Python, Functionalize, FuncTorchBatched, Sparse, Nested, Conjugate, ...)
@@ -88,3 +95,42 @@ def _all_plain(values: Iterable[Any]) -> bool:
             if not _all_plain(v):
                 return False
     return True
+
+
+_PROXY_MODE_KEY = torch._C._TorchDispatchModeKey.PROXY
+_get_infra_mode = torch._C._get_dispatch_mode
+
+
+def tracing_underway() -> bool:
+    """Whether make_fx, AOTAutograd or torch.export is recording a graph now.
+
+    True while a ``ProxyTorchDispatchMode`` is pushed (it lives in its own
+    infra-mode slot in torch 2.11-2.15) or a pre-dispatch trace is under way
+    (``make_fx(pre_dispatch=True)``, torch.export's first stage). Dynamo
+    traces a HOP call through its own variable and never dispatches it.
+    """
+    return _get_infra_mode(_PROXY_MODE_KEY) is not None or _tls_included(_PRE_DISPATCH)
+
+
+@contextlib.contextmanager
+def user_modes_suspended() -> Iterator[None]:
+    """Pop the user's dispatch modes (not torch's infra modes) for the block.
+
+    torch 2.11-2.15 keep the infra modes (fake, proxy, functional) at the
+    bottom of the logical mode stack and the user's modes above them, so
+    popping the user stack leaves the infra modes where they are.
+    """
+    n = _len_dispatch_stack()
+    user = sum(
+        1 for i in range(n)
+        if getattr(torch._C._get_dispatch_stack_at(i), "_mode_key", None) is None
+    )
+    if not user:
+        yield
+        return
+    popped = [torch._C._pop_torch_dispatch_stack(None) for _ in range(user)]
+    try:
+        yield
+    finally:
+        for mode in reversed(popped):
+            torch._C._push_on_torch_dispatch_stack(mode)

@@ -16,7 +16,8 @@ Rules, in the order they are defined here: dense (the reference semantics),
 autograd, functionalize, fake, proxy. Its other integrations live next door:
 the Dynamo variable in ``hopkit/base_hop/_dynamo.py`` (it subclasses a
 Dynamo-internal class), the tracing helpers of the autograd and functionalize
-rules in ``hopkit/base_hop/_tracing.py``, the names in torch's HOP registry in
+rules in ``hopkit/base_hop/_tracing.py``, the caches that let equal calls
+share one trace in ``hopkit/base_hop/_reuse.py``, the names in torch's HOP registry in
 ``hopkit/base_hop/_names.py``, and the Inductor lowering (fuse a pointwise
 body, else inline it) in ``hopkit/inductor/hop_lowering.py``. The registration
 block, ``BaseHOP._register_rules``, lists every one of them.
@@ -67,7 +68,7 @@ import functools
 import importlib
 import keyword
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -78,7 +79,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import ProxyTorchDispatchMode
 
 from hopkit import _dispatch, _fx
-from hopkit.base_hop import _dynamo, _functorch, _names, _tracing
+from hopkit.base_hop import _checkpoint, _config, _dynamo, _functorch, _names, _reuse, _subclasses, _tracing
 
 __all__ = ["BaseHOP", "FunctionWithNoFreeVars"]
 
@@ -150,10 +151,39 @@ class BaseHOP(HigherOrderOperator):
       pointwise body into its neighbours, else inline it op by op),
       ``"fuse"`` (require fusion: an error names the op that prevents it) or
       ``"inline"`` (always op by op).
+    * ``unsupported_transforms``: torch.func transforms the HOP refuses, from
+      ``("vmap", "grad", "jvp")`` (``"grad"`` covers grad, vjp, jacrev;
+      ``"jvp"`` covers jvp, jacfwd and forward-mode AD); a call under one
+      raises an error naming the HOP and the transform.
+    * ``vmap_rule(info, in_dims, *args, **config)``, ``grad_rule(interpreter,
+      *args, **config)``, ``jvp_rule(interpreter, *args, **config)``: the
+      call under a torch.func transform; the defaults transform the subgraph
+      and keep one HOP call (NOTE [BaseHOP under torch.func transforms] in
+      ``hopkit/base_hop/_functorch.py``).
+    * ``reuse_traces``: whether repeated calls with equal subgraph, operand
+      metadata and config share one trace (default True): one body module
+      in Dynamo's graph, one joint trace and partition, one forward and one
+      backward body module in AOT and exported graphs, one plan in eager
+      (NOTE [BaseHOP trace reuse] in ``hopkit/base_hop/_reuse.py``). Set
+      ``reuse_traces = False`` to trace every call anew.
+    * ``reuse_key(config, *operands)``: refines when calls may share a trace:
+      a hashable added to the key of the call (default ``()``), or None to
+      trace this call anew. It can only tell calls apart, never merge calls
+      the key tells apart, so a wrong refinement costs compile time, never
+      correctness. Called with the operands as the trace sees them (fake
+      tensors under torch.compile and export).
+    * ``hop.py_impl(SubclassType)(rule)``: the call on operands of a tensor
+      subclass, in eager and traced, instead of hopkit's default (eager runs
+      the body on the subclass; a trace desugars a traceable wrapper
+      subclass into a call on its inner tensors). ``rule(*leading,
+      subgraph, *operands, **config)`` returns the outputs, or
+      NotImplemented to pass (NOTE [BaseHOP on tensor subclasses] in
+      ``hopkit/base_hop/_subclasses.py``).
     """
 
     leading_config: ClassVar[tuple[str, ...]] = ()
     inductor_mode: ClassVar[str] = "auto"
+    reuse_traces: ClassVar[bool] = True
     _is_hopkit_hop: ClassVar[bool] = True
 
     def __init__(self, name: str) -> None:
@@ -194,9 +224,16 @@ class BaseHOP(HigherOrderOperator):
         _check_operands(self, args[n + 1 :])
         if kwargs:
             _check_config_names(self, kwargs)
+            _config.check_config(self._name, tuple(kwargs), tuple(kwargs.values()))
+        if n:
+            _config.check_config(self._name, self.leading_config, args[:n])
         if self._fast_path and _dispatch.nothing_intercepts_dispatch(args[n + 1 :]):
             # NOTE [BaseHOP plain-eager fast path]
             return base_hop_dense(self, *args, **kwargs)
+        if self._fast_path and _functorch.vmap_runs_inline(self, args[n + 1 :]):
+            # NOTE [BaseHOP under torch.func transforms]: under an eager vmap
+            # with nothing recording a graph, the body on the batched tensors.
+            return _functorch.inline_under_vmap(self, args, kwargs)
         return super().__call__(*args, **kwargs)
 
     def subgraph_context(
@@ -204,6 +241,14 @@ class BaseHOP(HigherOrderOperator):
     ) -> contextlib.AbstractContextManager[None]:
         """The context every rule runs the subgraph under (default: none)."""
         return contextlib.nullcontext()
+
+    def reuse_key(self, config: dict[str, Any], /, *operands: Any) -> Hashable | None:
+        """A refinement of the key under which calls share a trace (default: none).
+
+        See ``reuse_traces`` and NOTE [BaseHOP trace reuse] in
+        hopkit/base_hop/_reuse.py.
+        """
+        return ()
 
     def backward_config(self, config: dict[str, Any]) -> dict[str, Any]:
         """The configuration the backward HOP call runs with (default: the same).
@@ -214,12 +259,78 @@ class BaseHOP(HigherOrderOperator):
         """
         return config
 
+    # -- torch.func transforms (rules: hopkit/base_hop/_functorch.py) -------
+    # NOTE [BaseHOP under torch.func transforms]
+
+    unsupported_transforms: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        names = cls.unsupported_transforms
+        bad = [t for t in names if t not in _functorch.TRANSFORMS] if isinstance(
+            names, tuple) else [names]
+        if bad:
+            raise TypeError(
+                f"hopkit: {cls.__name__}.unsupported_transforms must be a tuple "
+                f"of transform names from {tuple(_functorch.TRANSFORMS)}, but got "
+                f"{names!r}; e.g. unsupported_transforms = ('vmap',)."
+            )
+
+    def vmap_rule(self, info: _functorch.VmapInfo, in_dims: tuple[int | None, ...],
+                  /, *args: Any, **config: Any) -> tuple[Any, Any]:
+        """The call under ``torch.func.vmap``: ``(outputs, out_dims)``.
+
+        ``args`` are the call's (leading config, subgraph, operands) with the
+        batch dims of this vmap level taken off: operand ``i`` has its batch
+        dim at ``in_dims[i]`` (None: not batched). It runs one level down
+        (call the HOP or torch ops as usual). ``out_dims`` gives each output's
+        batch dim (an ``Optional[int]``, or one for all). ``info`` has
+        ``batch_size`` and ``randomness``. Default: the HOP of the vmapped
+        subgraph, one HOP call (in eager, where nothing records a graph, the
+        subgraph runs inline on the batched operands instead, as the plain
+        subgraph would; overriding this method turns that off).
+        """
+        return _functorch.default_vmap_rule(self, info, in_dims, args, config)
+
+    def grad_rule(self, interpreter: Any, /, *args: Any, **config: Any) -> Any:
+        """The call under a reverse-mode torch.func transform (grad, vjp, jacrev).
+
+        ``interpreter`` is torch's functorch grad interpreter of this level;
+        ``args`` are the call's lifted to it. Default: a single-level autograd
+        function calling the HOP of the subgraph one level down, and in
+        backward the HOP of the subgraph's vjp (the subgraph recomputed).
+        """
+        return _functorch.default_grad_rule(self, interpreter, args, config)
+
+    def jvp_rule(self, interpreter: Any, /, *args: Any, **config: Any) -> Any:
+        """The call under a forward-mode torch.func transform (jvp, jacfwd).
+
+        As ``grad_rule``; default: the HOP of the subgraph one level down,
+        and the HOP of the subgraph's jvp for the tangents.
+        """
+        return _functorch.default_jvp_rule(self, interpreter, args, config)
+
+    # -- end of torch.func transforms ---------------------------------------
+
     def py_impl(self, k: Any) -> Any:
         # A rule registered after construction may override one the plain-eager
         # fast path would skip: from then on, every call dispatches.
         if getattr(self, "_fast_path", False):
             self._fast_path = False
         return super().py_impl(k)
+
+    def dispatch(self, /, dispatch_key: Any, *args: Any, **kwargs: Any) -> Any:
+        # NOTE [BaseHOP in eager under modes and subclasses]: a dispatch mode
+        # or tensor subclass with no rule of its own sees the body's ops.
+        if dispatch_key == DispatchKey.Python:
+            if _inline_at_python_key(self, args, kwargs):
+                return base_hop_dense(self, *args, **kwargs)
+            # NOTE [BaseHOP on tensor subclasses] (hopkit/base_hop/_subclasses.py):
+            # a subclass's own rule, else the call desugared onto inner tensors.
+            res = _subclasses.python_key_rule(self, args, kwargs)
+            if res is not NotImplemented:
+                return res
+        return super().dispatch(dispatch_key, *args, **kwargs)
 
     def gen_schema(self, /, *args: Any, **kwargs: Any) -> torch._C.FunctionSchema:
         """The schema of one call, with mutated operands annotated.
@@ -289,10 +400,15 @@ class BaseHOP(HigherOrderOperator):
         hop_lowering.register_inductor_lowering(self)
         # torch.func transforms (vmap, grad, jvp): hopkit/base_hop/_functorch.py.
         _functorch.register_functorch_rules(self)
+        # Activation checkpointing's modes: hopkit/base_hop/_checkpoint.py.
+        _checkpoint.register_checkpoint_rules(self)
         # torch.export.save / load of the HOP's nodes: hopkit/_serialization.py.
         from hopkit import _serialization
 
         _serialization.register_serialization(self)
+        # Trace reuse (one trace for equal calls; NOTE [BaseHOP trace reuse]):
+        # hopkit/base_hop/_reuse.py, consulted by the autograd, fake and proxy
+        # rules above and by the Dynamo variable; nothing to register.
         # NOTE [BaseHOP plain-eager fast path]: on from here; py_impl turns it
         # off again if a subclass then registers a rule of its own.
         self._fast_path = True
@@ -449,16 +565,95 @@ def base_hop_autograd(hop: BaseHOP, /, *args: Any, **kwargs: Any) -> Any:
 
     See NOTE [BaseHOP autograd: one joint trace, partitioned].
     """
+    if _runs_as_eager(hop, args):
+        # NOTE [BaseHOP in eager under modes and subclasses]
+        return base_hop_dense(hop, *args, **kwargs)
     leading, subgraph, operands = hop._split(args)
+    if _functorch.has_forward_tangents(operands):
+        # Dual tensors (torch.autograd.forward_ad) while a graph is traced: the
+        # branch below would run beneath autograd and drop their tangents.
+        return _functorch.base_hop_forward_ad(hop, leading, subgraph, operands, kwargs)
     if not (
         torch.is_grad_enabled()
         and any(isinstance(t, torch.Tensor) and t.requires_grad for t in operands)
     ):
         with torch._C._AutoDispatchBelowAutograd():
             return hop(*args, **kwargs)
-    plan = _build_autograd_plan(hop, leading, subgraph, operands, kwargs)
+    # hopkit's own trace: a user's dispatch mode sees none of it.
+    # (torch 2.11 tags every node of a compiled checkpointed region
+    # "recompute"; hopkit's inner joint must not pick that tag up.)
+    with _dispatch.user_modes_suspended(), _checkpoint.without_checkpoint_tags():
+        plan = _build_autograd_plan(hop, leading, subgraph, operands, kwargs)
     outs = _BaseHOPFunction.apply(hop, plan, leading, kwargs, *operands)
     return outs[0] if plan.single_output else outs
+
+
+# NOTE [BaseHOP in eager under modes and subclasses]
+# Where nothing records a graph (no make_fx, AOTAutograd or export trace:
+# _dispatch.tracing_underway), a HOP call means exactly what its body means,
+# so the autograd rule and the Python key run the body right there, as the
+# plain-eager fast path does: autograd records the body's ops, and a user's
+# dispatch mode (a logging mode, FlopCounterMode, DebugMode, selective
+# activation checkpointing's caching modes, with or without
+# supports_higher_order_operators) or a tensor subclass sees each of the
+# body's ops, as for the plain body, and nothing is traced: no joint graph,
+# no fake tensors reaching the mode. Modes with a rule registered for the HOP
+# (hop.py_impl(ModeType): torch's FakeTensorMode, ProxyTorchDispatchMode,
+# FunctionalTensorMode, or a user's own) keep it, and while a trace is
+# recorded every key keeps torch's dispatch, so traced graphs keep one HOP
+# node. hopkit's own joint trace (traced autograd) runs with the user's modes
+# suspended (_dispatch.user_modes_suspended). Activation checkpointing's
+# modes have rules that apply only while a graph is recorded (NOTE [BaseHOP
+# under activation checkpointing] in hopkit/base_hop/_checkpoint.py); in
+# eager they get the body inline like any other mode.
+
+
+def _runs_as_eager(hop: BaseHOP, args: tuple[Any, ...] = ()) -> bool:
+    """Whether the autograd rule may run the body as eager does (see the NOTE)."""
+    if _dispatch.tracing_underway():
+        return False
+    if any(t in hop.python_key_table for t in _subclasses.user_subclasses(args)):
+        # A subclass's own rule is honoured at the Python key, below autograd:
+        # NOTE [BaseHOP on tensor subclasses].
+        return False
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    mode = _get_current_dispatch_mode()
+    if mode is None or type(mode) not in hop.python_key_table:
+        return True
+    # Under FakeTensorMode the body run directly computes what hopkit's own
+    # fake rule computes; a fake rule the HOP's author registered must run.
+    if _checkpoint.inlines_in_eager(mode):
+        # Activation checkpointing's modes have rules only for traced calls:
+        # NOTE [BaseHOP under activation checkpointing].
+        return True
+    rule = hop.python_key_table[type(mode)]
+    return isinstance(mode, FakeTensorMode) and getattr(rule, "func", None) is base_hop_fake
+
+
+def _inline_at_python_key(hop: BaseHOP, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether the Python key runs the body under a mode or subclass with no rule."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    mode = _get_current_dispatch_mode()
+    if mode is not None:
+        if type(mode) in hop.python_key_table and not _checkpoint.inlines_in_eager(mode):
+            return False
+    else:
+        from torch._subclasses.fake_tensor import FakeTensor
+        from torch._subclasses.functional_tensor import FunctionalTensor
+
+        subclasses = {
+            type(a) for a in args
+            if isinstance(a, torch.Tensor) and type(a) not in (torch.Tensor, torch.nn.Parameter)
+            and type(a).__torch_dispatch__ is not torch._C._disabled_torch_dispatch_impl
+        }
+        if not subclasses or any(
+            issubclass(t, (FakeTensor, FunctionalTensor)) or t in hop.python_key_table
+            for t in subclasses
+        ):
+            return False
+    return not _dispatch.tracing_underway()
 
 
 @dataclasses.dataclass
@@ -501,7 +696,16 @@ class _BaseHOPFunction(torch.autograd.Function):
         non_diff = [outs[i] for i in plan.non_diff_outputs]
         if non_diff:
             ctx.mark_non_differentiable(*non_diff)
+        if _functorch._dual_level() >= 0:
+            # Forward-mode AD may ask for jvp right after this forward.
+            ctx.fwd_operands = operands
         return outs
+
+    @staticmethod
+    def jvp(ctx: Any, hop_t: Any, plan_t: Any, leading_t: Any, kwargs_t: Any,
+            *operand_tangents: Any) -> Any:
+        # The HOP of the forward graph's jvp: hopkit/base_hop/_functorch.py.
+        return _functorch.autograd_function_jvp(ctx, operand_tangents)
 
     @staticmethod
     def backward(ctx: Any, *grads: Any) -> Any:
@@ -536,6 +740,40 @@ class _BaseHOPFunction(torch.autograd.Function):
 
 def _build_autograd_plan(hop: BaseHOP, leading: tuple[Any, ...], subgraph: Any,
                          operands: Sequence[Any], kwargs: dict[str, Any]) -> _AutogradPlan:
+    """The plan of this call, traced once per key: NOTE [BaseHOP trace reuse]."""
+    if _subclasses.has_wrapper_subclass(operands):
+        # Traced on subclass stand-ins, never shared: NOTE [BaseHOP on tensor subclasses].
+        return _subclasses.trace_autograd_plan(hop, leading, subgraph, operands, kwargs)
+    found = _reuse.call_key(hop, leading, subgraph, operands, kwargs, "autograd")
+    if found is None:
+        return _trace_autograd_plan(hop, leading, subgraph, operands, kwargs)
+    anchor, key = found
+    fake_mode = _reuse.operands_fake_mode(operands)
+    plan: _AutogradPlan | None = _reuse.plan_cache.get(fake_mode, anchor, key)
+    if plan is not None:
+        _reuse.counters["joint_reused"] += 1
+        return plan
+    plan = _trace_autograd_plan(hop, leading, subgraph, operands, kwargs)
+    if _reuse.reusable_graph(plan.joint):
+        _reuse.plan_cache.put(fake_mode, anchor, key, plan)
+    return plan
+
+
+def _plain_tangent(o: Any) -> Any:
+    """A contiguous tangent of ``o``'s metadata, as AOTAutograd assumes."""
+    if not isinstance(o, torch.Tensor):
+        return None
+    return torch.empty(o.shape, dtype=o.dtype, device=o.device)
+
+
+def _trace_autograd_plan(hop: BaseHOP, leading: tuple[Any, ...], subgraph: Any,
+                         operands: Sequence[Any], kwargs: dict[str, Any],
+                         stand_ins: Callable[..., Any] = _tracing.tracing_fresh_examples,
+                         tangent_like: Callable[[Any], Any] = _plain_tangent) -> _AutogradPlan:
+    """Trace and partition the joint of one call, on fake stand-ins of the
+    operands (``stand_ins``; tensor subclasses bring their own: NOTE [BaseHOP
+    on tensor subclasses])."""
+    _reuse.counters["joint_traced"] += 1
     fn = hop._bind(leading, subgraph, kwargs)
     record: dict[str, Any] = {}
 
@@ -563,17 +801,13 @@ def _build_autograd_plan(hop: BaseHOP, leading: tuple[Any, ...], subgraph: Any,
         _tracing.tag_traced_nodes_as_backward()
         return (*outs, *grads)
 
-    with _tracing.tracing_fresh_examples(operands) as (examples, trace):
+    with stand_ins(operands) as (examples, trace):
         with torch.enable_grad():
             with torch.no_grad():
                 probe, mutated = _probe_outputs(fn, examples)
                 probe_outs = _flat_outputs(hop, probe)
             _refuse_mutated_operands_needing_grad(hop, examples, mutated)
-            tangents = [
-                torch.empty(o.shape, dtype=o.dtype, device=o.device)
-                if isinstance(o, torch.Tensor) else None
-                for o in probe_outs
-            ]
+            tangents = [tangent_like(o) for o in probe_outs]
             joint_gm = trace(joint)(list(examples), tangents)
     num_outputs = len(probe_outs)
     _refuse_unpartitionable_mutations(hop, joint_gm)
@@ -794,6 +1028,7 @@ def base_hop_functionalize(hop: BaseHOP, ctx: Any, /, *args: Any, **kwargs: Any)
     unwrapped = ctx.unwrap_tensors(tuple(operands))
     body = hop._bind(leading, subgraph, kwargs)
     functional = _FunctionalSubgraph(hop, ctx.functionalize, body, groups, operands)
+    functional._reuse_of = _reuse.functional_identity(ctx, subgraph, groups)
     _mark_internal(functional, like=subgraph)
     # Effectful ops in the body order the whole call by effect tokens:
     # NOTE [Effect tokens inside subgraphs] in hopkit/effects/_regions.py.
@@ -962,7 +1197,7 @@ class _FunctionalSubgraph(FunctionWithNoFreeVars):
     [Operands that alias each other]).
     """
 
-    __slots__ = ("hop", "mutated", "single_output", "_hopkit_internal")
+    __slots__ = ("hop", "mutated", "single_output", "_hopkit_internal", "_reuse_of")
 
     def __init__(self, hop: BaseHOP, functionalize: Callable[..., Any],
                  subgraph: Callable[..., Any], groups: Sequence[_AliasingGroup] = (),
@@ -970,6 +1205,9 @@ class _FunctionalSubgraph(FunctionWithNoFreeVars):
         self.hop = hop
         self.mutated: tuple[int, ...] | None = None
         self.single_output = False
+        # What this wrapper is a function of, for the proxy rule's body cache
+        # (NOTE [BaseHOP trace reuse]); set by base_hop_functionalize.
+        self._reuse_of: tuple[Any, Any] | None = None
         grouped = {i for g in groups for i in g.members}
 
         def with_epilogue(*fargs: Any) -> Any:
@@ -1032,10 +1270,27 @@ def _views_of_flat(group: _AliasingGroup, flat: torch.Tensor) -> list[torch.Tens
 def base_hop_fake(hop: BaseHOP, mode: FakeTensorMode, /, *args: Any, **kwargs: Any) -> Any:
     """The dense rule on fake tensors: output metadata, nothing runs."""
     leading, subgraph, operands = hop._split(args)
+    # An equal call already run under this fake mode gives the output metadata
+    # (NOTE [BaseHOP trace reuse]); only for graphs whose outputs depend on
+    # nothing else (no effect, no mutation, no data-dependent size).
+    key = None
+    if _reuse.fake_run_reusable(subgraph):
+        found = _reuse.call_key(hop, leading, subgraph, operands, kwargs, "fake",
+                                requires_grad=_reuse.requires_grad_matters(subgraph))
+        key = None if found is None else found[1]
+    entry: _reuse.BodyEntry | None = None if key is None else _reuse.fake_cache.get(mode, key)
+    if entry is not None:
+        out = entry.fresh_outputs()
+        if out is not None:
+            entry.restore(subgraph)
+            _reuse.counters["fake_reused"] += 1
+            return out
     with mode:
         out = hop._run(leading, subgraph, operands, kwargs)
     if not _is_internal(subgraph):
         _check_no_output_aliasing(hop, operands, out)
+    if key is not None and _reuse.independent_outputs(operands, out):
+        _reuse.fake_cache.put(mode, key, _reuse.BodyEntry("", None, out, subgraph))
     return out
 
 
@@ -1051,10 +1306,21 @@ def base_hop_proxy(hop: BaseHOP, mode: ProxyTorchDispatchMode, /, *args: Any, **
 
     leading, subgraph, operands = hop._split(args)
     tracer: Any = mode.tracer  # a PythonKeyTracer while make_fx traces
+    pre_dispatch = bool(getattr(mode, "pre_dispatch", False))
+    # An equal call traced earlier in this trace: its body module serves this
+    # node too (NOTE [BaseHOP trace reuse]).
+    # requires_grad cannot change the trace of a graph that never reads it;
+    # a Python body might.
+    found = _reuse.call_key(hop, leading, subgraph, operands, kwargs, "proxy", pre_dispatch,
+                            requires_grad=_reuse.requires_grad_matters(subgraph))
+    key = None if found is None else found[1]
+    entry: _reuse.BodyEntry | None = None if key is None else _reuse.body_cache.get(tracer, key)
+    if entry is not None and getattr(tracer.root, entry.name, None) is not entry.gm:
+        entry = None
     # Pre-dispatch tracing (torch.export's first stage) records a context such
     # as autocast as enter/exit nodes instead of applying it; the body is
     # traced bare there, and the HOP node applies the context whenever it runs.
-    body = subgraph if getattr(mode, "pre_dispatch", False) else hop._bind(leading, subgraph, kwargs)
+    body = subgraph if pre_dispatch else hop._bind(leading, subgraph, kwargs)
     # Python scalars are constants of the trace (as make_fx specializes them
     # elsewhere): baked into the body, so every argument of the node is a
     # tensor or a symbol with a value (torch.export checks that).
@@ -1062,25 +1328,42 @@ def base_hop_proxy(hop: BaseHOP, mode: ProxyTorchDispatchMode, /, *args: Any, **
     if constants:
         body = _with_constants(body, len(operands), constants)
         operands = tuple(x for i, x in enumerate(operands) if i not in constants)
-    gm = reenter_make_fx(body)(*operands)
-    name = _fx.fresh_attr_name(tracer.root, "subgraph")
-    tracer.root.register_module(name, gm)
-    node_args = (*leading, gm, *operands)
-    proxy_args = pytree.tree_map(tracer.unwrap_proxy, node_args)
-    proxy_kwargs = pytree.tree_map(tracer.unwrap_proxy, kwargs)
-    out_proxy = tracer.create_proxy("call_function", hop, proxy_args, proxy_kwargs)
+    if entry is not None:
+        gm = entry.gm
+        entry.restore(subgraph)
+        _reuse.counters["body_reused"] += 1
+    else:
+        _reuse.counters["body_traced"] += 1
+        gm = reenter_make_fx(body)(*operands)
+        name = _fx.fresh_attr_name(tracer.root, "subgraph")
+        tracer.root.register_module(name, gm)
+    # Configuration goes onto the node as it is: NOTE [BaseHOP configuration
+    # values] in hopkit/base_hop/_config.py.
+    stand_in_leading, stand_in_kwargs = _config.placeholder_config(leading, kwargs)
+    proxy_args = pytree.tree_map(tracer.unwrap_proxy, (*stand_in_leading, gm, *operands))
+    out_proxy = tracer.create_proxy("call_function", hop, proxy_args, stand_in_kwargs)
+    _config.set_node_config(out_proxy.node, leading, kwargs)
     # Under fake tracing the trace already computed the (fake) outputs: take
     # them from it rather than running the body a second time.
     traced_bare = body is subgraph and hop._has_context
+    if entry is not None:
+        out = entry.fresh_outputs()
+        if out is None:
+            out = hop(*leading, gm, *operands, **kwargs)
+        return track_tensor_tree(out, out_proxy, constant=None, tracer=tracer)
     out = _output_vals(gm) if _tracing.all_fake(operands) and not traced_bare else None
+    template = out if out is not None and _reuse.independent_outputs(operands, out) else None
     if out is None or any(
         v is None for v in pytree.tree_leaves(out, is_leaf=lambda v: v is None)
     ):
+        template = None
         out = hop(*leading, gm, *operands, **kwargs)
     elif not _is_internal(subgraph):
         _check_no_output_aliasing(hop, operands, out)
     # Checked once here; the traced graph need not be checked at every run.
     _mark_internal(gm)
+    if key is not None and _reuse.reusable_graph(gm):
+        _reuse.body_cache.put(tracer, key, _reuse.BodyEntry(name, gm, template, subgraph))
     return track_tensor_tree(out, out_proxy, constant=None, tracer=tracer)
 
 
@@ -1103,6 +1386,7 @@ def _gen_schema(hop: BaseHOP, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
 
     leading, subgraph, operands = hop._split(args)
     _check_operands(hop, operands)
+    _config.check_config(hop._name, (*hop.leading_config, *kwargs), (*leading, *kwargs.values()))
     if not isinstance(subgraph, (torch.fx.GraphModule, FunctionWithNoFreeVars)) and not callable(subgraph):
         raise RuntimeError(
             f"hopkit: {hop._name}.gen_schema needs the subgraph as a GraphModule "
@@ -1123,11 +1407,30 @@ def _gen_schema(hop: BaseHOP, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     gen.add_arg("subgraph", gm)
     for i, x in enumerate(operands):
         gen.add_arg(f"arg{i}", x, is_mutated=i in mutated)
+    # Configuration torch's generator cannot type (a tuple, an enum, a
+    # dataclass) gets an argument of hopkit's (_config.schema_argument).
+    custom: dict[str, torch._C.Argument] = {}
     for name, value in kwargs.items():
-        gen.add_arg(name, value, default_value=value, kw_only=True)
+        arg = _config.schema_argument(name, value)
+        if arg is None:
+            gen.add_arg(name, value, default_value=value, kw_only=True)
+        else:
+            custom[name] = arg
     for o in outs:
         gen.add_output(o)
-    return gen.gen_schema()
+    schema = gen.gen_schema()
+    if not custom:
+        return schema
+    arguments = list(schema.arguments)
+    at = {a.name: i for i, a in enumerate(arguments)}
+    for name, arg in custom.items():
+        at[name] = len(arguments)
+        arguments.append(arg)
+    # Keyword config in the call's order; a HOP schema is never vararg.
+    ordered = [a for a in arguments if not a.kwarg_only or a.name not in kwargs]
+    ordered += [arguments[at[name]] for name in kwargs]
+    return torch._C.FunctionSchema(schema.name, schema.overload_name, ordered,
+                                   list(schema.returns), False, False)
 
 
 def _output_vals(gm: torch.fx.GraphModule) -> Any:
