@@ -53,9 +53,18 @@ below, and the table ``_MODE_RUNNERS`` at the bottom maps names to them::
                        mutated operands equal eager's; Dynamo reset around each
     export_strict      torch.export.export strict / non-strict: one node; saved
     export_non_strict  to and loaded from a BytesIO: still one node, the same
-                       config as keyword arguments, ep.module() computes what
-                       eager does (tuples stay tuples), and so does the loaded
-                       program after run_decompositions()
+                       config as keyword arguments, of exactly the same types
+                       after loading (tuples stay tuples, 1 stays an int),
+                       ep.module() computes what eager does, and so does the
+                       loaded program after run_decompositions()
+
+Opt-in modes (``OPT_IN_MODES``), run only when named (after the others),
+because they are slow::
+
+    aoti               AOTInductor: the exported program compiled with
+                       torch._inductor.aoti_compile_and_package and loaded
+                       with aoti_load_package computes what eager does, and
+                       Inductor warns about nothing of the HOP's
 
 ``modes`` also takes these aliases (``_MODE_ALIASES``), each standing for
 the modes after it::
@@ -71,7 +80,10 @@ which is "compile_eager".)
 
 The export modes load the saved program in this process; loading it elsewhere
 needs the HOP created there first (import the module that defines it), as
-``torch.export.load`` resolves it as ``torch.ops.higher_order.<name>``.
+``torch.export.load`` resolves it as ``torch.ops.higher_order.<name>``; hopkit's
+error says which module (NOTE [Saving hopkit HOP nodes] in
+hopkit/_serialization.py). The aoti mode, likewise, loads its package in this
+process.
 
 Every mode runs on fresh clones of the operands, so a subgraph that mutates an
 operand is checked for the same mutation as eager. The subgraph must be
@@ -98,7 +110,7 @@ from torch._ops import HigherOrderOperator
 
 from hopkit.base_hop import BaseHOP, FunctionWithNoFreeVars
 
-__all__ = ["MODES", "HopCheckError", "HopCheckReport", "ModeResult", "hopcheck"]
+__all__ = ["MODES", "OPT_IN_MODES", "HopCheckError", "HopCheckReport", "ModeResult", "hopcheck"]
 
 Status = Literal["passed", "failed", "skipped"]
 
@@ -119,6 +131,10 @@ MODES: tuple[str, ...] = (
     "export_strict",
     "export_non_strict",
 )
+
+#: Modes that run only when named in ``modes`` (slow), after those of MODES.
+OPT_IN_MODES: tuple[str, ...] = ("aoti",)
+_ALL_MODES: tuple[str, ...] = (*MODES, *OPT_IN_MODES)
 
 # Names ``modes`` also accepts, each standing for the modes it lists (the
 # module docstring lists them for users).
@@ -232,7 +248,9 @@ def hopcheck(
         modes: the modes to run: a name from :data:`MODES` or an alias
             (``"make_fx"``, ``"compile"``, ``"aot_eager"``, ``"inductor"``,
             ``"export"``; see the module docstring), or a list of them; they
-            run in the order of :data:`MODES`. ``None`` (the default) runs all.
+            run in the order of :data:`MODES`. ``None`` (the default) runs all
+            of :data:`MODES`; the slow :data:`OPT_IN_MODES` (``"aoti"``) run
+            only when named.
         **kwargs: the HOP's keyword configuration, passed on to every call;
             for a :class:`hopkit.BaseHOP`, constants only (no tensors,
             callables or modules: those are operands or belong in the subgraph).
@@ -305,7 +323,7 @@ def _select_modes(modes: object) -> list[str]:
                 f"is {_given(name)}; pass names from hopkit.testing.MODES, e.g. "
                 f"modes=['eager', 'fake']."
             )
-        if name in MODES:
+        if name in _ALL_MODES:
             chosen.add(name)
         elif name in _MODE_ALIASES:
             chosen.update(_MODE_ALIASES[name])
@@ -319,12 +337,12 @@ def _select_modes(modes: object) -> list[str]:
             + ", ".join(f"{a} ({', '.join(ms)})" for a, ms in _MODE_ALIASES.items())
             + "; or pass modes=None for all of them."
         )
-    return [m for m in MODES if m in chosen]
+    return [m for m in _ALL_MODES if m in chosen]
 
 
 def _unknown_mode(name: str) -> str:
     """``'fakes' (did you mean 'fake'?)``: an unknown mode name and its near misses."""
-    valid = [*MODES, *_MODE_ALIASES]
+    valid = [*_ALL_MODES, *_MODE_ALIASES]
     close = difflib.get_close_matches(name.lower().replace("-", "_").replace(" ", "_"), valid, n=3)
     if not close:
         return repr(name)
@@ -339,7 +357,7 @@ def _names_modes(value: Any) -> bool:
     return (
         isinstance(names, (list, tuple))
         and bool(names)
-        and all(isinstance(n, str) and (n in MODES or n in _MODE_ALIASES) for n in names)
+        and all(isinstance(n, str) and (n in _ALL_MODES or n in _MODE_ALIASES) for n in names)
     )
 
 
@@ -614,8 +632,12 @@ class _Case:
         for k, g, ref in zip(self.diff, grads, self.ref_grads):
             _check_close(g, ref, f"grad of {self.names[k]} {where}")
 
-    def check_graph(self, gm: torch.fx.GraphModule, where: str) -> None:
-        """Exactly one call of the HOP, its subgraph a submodule, its config kept."""
+    def check_graph(self, gm: torch.fx.GraphModule, where: str, exact: bool = False) -> None:
+        """Exactly one call of the HOP, its subgraph a submodule, its config kept.
+
+        ``exact``: the config also has exactly the types it was given, all the
+        way down (a tuple is no list, 1 is no 1.0 or True).
+        """
         name = f"torch.ops.higher_order.{self.hop.__name__}"
         nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is self.hop]
         if len(nodes) != 1:
@@ -649,6 +671,45 @@ class _Case:
                 f"in the {where} graph, {name}'s keyword configuration is "
                 f"{dict(node.kwargs)!r}, expected {self.kwargs!r}"
             )
+        if exact:
+            given = [*zip(_leading_names(self.hop, n), self.leading, node.args[:n])]
+            if self.is_base_hop:
+                given += [(f"kwarg {k!r}", v, node.kwargs[k]) for k, v in self.kwargs.items()]
+            for what, expected, actual in given:
+                if not _exactly_equal(actual, expected):
+                    raise AssertionError(
+                        f"in the {where} graph, {name}'s config {what} is "
+                        f"{_typed(actual)}, expected {_typed(expected)}"
+                    )
+
+
+def _leading_names(hop: HigherOrderOperator, n: int) -> list[str]:
+    names = getattr(hop, "leading_config", ())
+    return [f"argument {names[i]!r}" if i < len(names) else f"argument {i}" for i in range(n)]
+
+
+def _exactly_equal(a: Any, b: Any) -> bool:
+    """Equal, and of the same types all the way down (FX's immutable_list and
+    immutable_dict count as list and dict: FX stores every node's that way)."""
+    same_kind = type(a) is type(b) or (isinstance(a, list) and isinstance(b, list)) or (
+        isinstance(a, dict) and isinstance(b, dict))
+    if not same_kind:
+        return False
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(_exactly_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_exactly_equal(a[k], b[k]) for k in a)
+    if dataclasses.is_dataclass(a) and not isinstance(a, type):
+        return all(_exactly_equal(getattr(a, f.name), getattr(b, f.name))
+                   for f in dataclasses.fields(a))
+    if isinstance(a, float) and a != a:
+        return b != b  # nan
+    return bool(a == b)
+
+
+def _typed(value: Any) -> str:
+    """``tuple ('a', 'b')``: a config value with its type, for errors."""
+    return f"{type(value).__name__} {value!r}"
 
 
 def _is_subgraph(x: Any) -> bool:
@@ -930,17 +991,48 @@ def _export_mode(strict: bool) -> Callable[[_Case], None]:
         torch.export.save(ep, buffer)
         buffer.seek(0)
         loaded = torch.export.load(buffer)
-        case.check_graph(loaded.graph_module, f"loaded torch.export ({kind})")
+        case.check_graph(loaded.graph_module, f"loaded torch.export ({kind})", exact=True)
         tensors = case.fresh(requires_grad=False)
         case.check_values(loaded.module()(*tensors), tensors,
                           f"from the loaded torch.export ({kind}) program")
         decomposed = loaded.run_decompositions()
-        case.check_graph(decomposed.graph_module, f"run_decompositions() ({kind})")
+        case.check_graph(decomposed.graph_module, f"run_decompositions() ({kind})", exact=True)
         tensors = case.fresh(requires_grad=False)
         case.check_values(decomposed.module()(*tensors), tensors,
                           f"after run_decompositions() ({kind})")
 
     return run
+
+
+def _mode_aoti(case: _Case) -> None:
+    """AOTInductor: compiled and packaged, loaded, eager's values; no warning about the HOP."""
+    import os
+    import tempfile
+    import warnings
+
+    import torch._dynamo
+    import torch._inductor
+
+    torch._dynamo.reset()
+    try:
+        ep = torch.export.export(
+            _ExportedCall(case), tuple(case.fresh(requires_grad=False)), strict=False)
+        case.check_graph(ep.graph_module, "torch.export (for AOTInductor)")
+        with tempfile.TemporaryDirectory(prefix="hopcheck_aoti_") as directory:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                path = torch._inductor.aoti_compile_and_package(
+                    ep, package_path=os.path.join(directory, "hopcheck.pt2"))
+            about_hop = [str(w.message) for w in caught
+                         if case.hop.__name__ in str(w.message) or "hopkit" in str(w.message)]
+            if about_hop:
+                raise AssertionError(
+                    f"Inductor warned while compiling the AOTInductor package: {about_hop[0]}")
+            package = torch._inductor.aoti_load_package(path)
+            tensors = case.fresh(requires_grad=False)
+            case.check_values(package(*tensors), tensors, "from the AOTInductor package")
+    finally:
+        torch._dynamo.reset()
 
 
 # ---------------------------------------------------------------------------
@@ -962,8 +1054,10 @@ _MODE_RUNNERS: dict[str, Callable[[_Case], None]] = {
     "compile_inductor": _compile_mode("inductor"),
     "export_strict": _export_mode(strict=True),
     "export_non_strict": _export_mode(strict=False),
+    # opt-in (OPT_IN_MODES)
+    "aoti": _mode_aoti,
 }
-assert tuple(_MODE_RUNNERS) == MODES, "every mode has exactly one runner, in order"
-assert not set(_MODE_ALIASES) & set(MODES) and all(
-    set(modes) <= set(MODES) for modes in _MODE_ALIASES.values()
+assert tuple(_MODE_RUNNERS) == _ALL_MODES, "every mode has exactly one runner, in order"
+assert not set(_MODE_ALIASES) & set(_ALL_MODES) and all(
+    set(modes) <= set(_ALL_MODES) for modes in _MODE_ALIASES.values()
 ), "an alias is no mode's name and stands for modes only"

@@ -415,9 +415,6 @@ def test_hopcheck_with_effects() -> None:
     assert failures(err.report) == {"compile_eager": "Unsupported: unsupported HigherOrderOperator"}
 
 
-@pytest.mark.xfail(strict=True, raises=HopCheckError,
-                   reason="torch.export serializes a tuple of strings as a list: after "
-                          "torch.export.load the node's kwarg is ['a', 'b'], not ('a', 'b')")
 def test_tuple_kwargs_survive_export_load() -> None:
     x, y = operands(torch.float32, requires_grad=False)
     hopcheck(invoke_quant, G, x, y, names=("a", "b"), modes=["export_non_strict"])

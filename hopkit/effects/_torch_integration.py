@@ -134,6 +134,13 @@ def install() -> None:
         from hopkit.effects._checkpoint import install_checkpoint_hooks
 
         install_checkpoint_hooks()
+        # torch.export.save / load of with_effects nodes (NOTE [Saving hopkit
+        # HOP nodes] in hopkit/_serialization.py), also in a program that
+        # calls no BaseHOP.
+        from hopkit import _serialization
+        from hopkit.effects._hop import with_effects
+
+        _serialization.register_serialization(with_effects)
         # Imported here, not at the top: hopkit.inductor sits above
         # hopkit.effects (it lowers this family's HOP), and the lowering is
         # registered only when (and if) Inductor is imported.
