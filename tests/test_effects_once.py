@@ -467,3 +467,29 @@ def test_grad_runs_forward_and_backward_effects_once(backend: str) -> None:
     out = g(x)
     assert LOG == [1, 2, 1002, 1001]
     torch.testing.assert_close(out, x.cos())
+
+
+def test_first_import_under_fake_mode_keeps_eager_tokens_real() -> None:
+    # hopkit.effects may first be imported lazily while a trace runs (under
+    # FakeTensorMode, e.g. inside an export); the token its eager fast path
+    # hands out must still be a real tensor.
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import torch
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        with FakeTensorMode():
+            import hopkit.effects as effects
+        lib = torch.library.Library("hopkit_test_fake_import", "DEF")
+        lib.define("f(Tensor x) -> Tensor")
+        lib.impl("f", lambda x: x + 1, "CPU")
+        op = torch.ops.hopkit_test_fake_import.f.default
+        handle = effects.register_effectful_op(op, effects.EffectType.ORDERED)
+        out = effects.with_effects(effects.new_token_tensor(), op, torch.ones(2))
+        print(sorted({type(o).__name__ for o in out}))
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "['Tensor']"

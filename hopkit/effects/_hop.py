@@ -179,7 +179,11 @@ _is_functional = torch._is_functional_tensor
 # The new token of a fast-path call: tokens carry no data and are never
 # written, so one shared empty tensor serves every call (allocating one costs
 # about as much as the rest of the fast path).
-_RUNTIME_TOKEN = torch.empty(0)
+# Made with every dispatch mode off: this module may first be imported while
+# a trace runs (a lazy import under FakeTensorMode, e.g. during an export),
+# and a fake token handed to eager callers later breaks them.
+with torch.utils._python_dispatch._disable_current_modes():
+    _RUNTIME_TOKEN = torch.empty(0)
 
 
 def _plain_args(values: tuple[Any, ...]) -> bool:
