@@ -451,5 +451,11 @@ def test_effect_in_body_under_compiled_grad_is_refused(_effectful_log: None) -> 
     with pytest.raises(Exception) as info:
         f(torch.randn(3))
     msg = str(info.value)
+    assert _EFFECT_LOG == [], "refused before anything ran"
+    if not torch_at_least("2.12"):
+        # torch 2.11's functorch, unwinding the error out of a compiled grad,
+        # fails its own internal assert instead; the call is still refused.
+        assert "dynamicLayerStack" in msg, msg
+        return
     start = msg.index("hopkit:")
     assert_expected_inline(msg[start:msg.index("\n", start)], """hopkit: under torch.func.grad (grad, vjp, jacrev, hessian) while tracing (make_fx, torch.compile), a hopkit HOP's body is recomputed to differentiate it, and it calls hopkit_test_functorch_fx::log.default, which is registered effectful: its effect would run twice. Apply the transform outside torch.compile (eager runs the body once), call the effectful op outside the HOP, or use torch.autograd.grad on the HOP call instead of torch.func.""")

@@ -449,8 +449,10 @@ def default_jvp_rule(hop: BaseHOP, interpreter: Any, args: tuple[Any, ...],
 # transform, every effect runs once in program order, and nothing is visible
 # that a HOP node would have kept. While a graph is recorded (make_fx,
 # torch.compile), the HOP stays one node through the level function, and a
-# body whose recomputation meets an effectful op is refused with an error
-# naming the op and the transform (_refuse_recomputed_effects).
+# body that calls an effectful op is refused with an error naming the op and
+# the transform (_refuse_recomputed_effects), as soon as the forward HOP call
+# is traced: an error raised later, in the compiled backward, would leave
+# torch's functorch layers in disorder.
 
 
 class _SingleOutput:
@@ -508,7 +510,13 @@ class _LevelFunction(torch.autograd.function._SingleLevelFunction):
                 kwargs: dict[str, Any], single: _SingleOutput, *operands: Any) -> Any:
         level = interpreter.level()
         unwrapped = _unwrap_for_grad(operands, level)
-        with _below(interpreter):
+        # Refused here, in forward, rather than when the recomputation is
+        # traced: an error raised in a compiled backward leaves torch's
+        # functorch layers in disorder (an internal assert on torch 2.11).
+        transform = ("torch.func.jvp (jvp, jacfwd, hessian)"
+                     if interpreter.key() == torch._C._functorch.TransformType.Jvp
+                     else "torch.func.grad (grad, vjp, jacrev, hessian)")
+        with _below(interpreter), _refuse_recomputed_effects(transform):
             out = hop(*leading, subgraph, *unwrapped, **kwargs)
         single.value = not isinstance(out, (tuple, list))
         outs = (out,) if single.value else tuple(out)
@@ -626,10 +634,18 @@ def _refuse_recomputed_effects(transform: str) -> Iterator[None]:
     from hopkit.effects import _hop as effects_hop
     from hopkit.effects import _registry
 
-    for node in list(graph.nodes)[before:]:
-        if node.op != "call_function":
-            continue
-        op = node.args[1] if node.target is effects_hop.with_effects else node.target
+    root = getattr(mode.tracer, "root", None)  # a graph-appending tracer has none
+
+    def calls(nodes: Sequence[torch.fx.Node]) -> Iterator[Any]:
+        for node in nodes:
+            if node.op == "call_function":
+                yield node.args[1] if node.target is effects_hop.with_effects else node.target
+            elif node.op == "get_attr":  # a HOP's body: look inside it too
+                sub = getattr(root, str(node.target), None)
+                if isinstance(sub, torch.fx.GraphModule):
+                    yield from calls(list(sub.graph.nodes))
+
+    for op in calls(list(graph.nodes)[before:]):
         if _registry.hopkit_effect(op) is not None:
             raise NotImplementedError(
                 f"hopkit: under {transform} while tracing (make_fx, torch.compile), "
