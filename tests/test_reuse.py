@@ -26,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import hopkit
 from hopkit.base_hop import _reuse
 from hopkit.effects import EffectType, register_effectful_op
+from repeated_blocks import LAYER, layer, model, reference
 
 
 class Block(hopkit.BaseHOP):
@@ -42,25 +43,6 @@ class BlockNoReuse(hopkit.BaseHOP):
 
 block = Block()
 block_off = BlockNoReuse()
-
-
-def layer(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return torch.tanh(x @ w) * 0.5 + x
-
-
-LAYER = hopkit.FunctionWithNoFreeVars(layer)
-
-
-def model(hop: Any, x: torch.Tensor, *ws: torch.Tensor) -> torch.Tensor:
-    for w in ws:
-        x = hop(LAYER, x, w)
-    return x
-
-
-def reference(x: torch.Tensor, *ws: torch.Tensor) -> torch.Tensor:
-    for w in ws:
-        x = layer(x, w)
-    return x
 
 
 def operands(n: int = 3, rows: int = 2) -> list[torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Inductor lowering of every BaseHOP: fuse a pointwise body, else inline it op by op.
+"""Inductor lowering of every BaseHOP: fuse a pointwise body, compile a shared one once, else inline it.
 
 Registered for each hopkit HOP in torch._inductor.lowering.lowerings (torch
 2.11-2.15 look lowerings up there by target; a HOP without one fails with "is
@@ -114,8 +114,10 @@ def inline_subgraph_into_graph_lowering(gm: torch.fx.GraphModule, operands: Sequ
 
 
 def base_hop_inductor(hop: Any, /, *args: Any, **kwargs: Any) -> Any:
-    """Lower into the surrounding graph: fuse a pointwise body, else inline it."""
-    from hopkit.inductor import fusion  # imports Inductor: only when lowering
+    """Lower into the surrounding graph: fuse a pointwise body, compile a body
+    several calls share once (NOTE [A shared HOP body compiles once in
+    Inductor] in hopkit/inductor/shared_body.py), else inline it."""
+    from hopkit.inductor import fusion, shared_body  # import Inductor: only when lowering
 
     n = hop._num_leading
     subgraph, operands = args[n], args[n + 1 :]
@@ -124,4 +126,8 @@ def base_hop_inductor(hop: Any, /, *args: Any, **kwargs: Any) -> Any:
         lowered = fusion.lower_hop_pointwise(hop, gm, operands, require=hop.inductor_mode == "fuse")
         if lowered is not None:
             return lowered
+        if hop.inductor_mode == "auto":
+            called = shared_body.lower_shared_body(hop, subgraph, operands)
+            if called is not None:
+                return called
     return inline_subgraph_into_graph_lowering(gm, operands)
