@@ -84,9 +84,14 @@ def nothing_intercepts_dispatch(values: Iterable[Any]) -> bool:
 
 
 def _all_plain(values: Iterable[Any]) -> bool:
+    # Runs for every operand of every fast-path call (each HOP node of a
+    # compiled graph, too): one loop, the keyset lookup inlined.
     for v in values:
         if isinstance(v, _Tensor):
-            if not _keyset_is_plain(_dispatch_keys(v)):
+            plain = _plain_keysets.get(_dispatch_keys(v).raw_repr())
+            if plain is None:
+                plain = _keyset_is_plain(_dispatch_keys(v))
+            if not plain:
                 return False
             # A subclass with only __torch_function__ carries no Python key.
             if type(v) not in _PLAIN_TYPES and _has_torch_function((v,)):
