@@ -7,18 +7,19 @@ Three variants run on the same inputs in the same process:
 - ``in-tree``: the same through a subclass of
   ``torch._higher_order_ops.base_hop.BaseHOP``.
 
-Measurements (the issue's targets in brackets):
+Measurements (the targets in brackets: issue 15 raised (a), (b), (c) and the
+steady state of (e) once the first ones were met):
 
 (a) eager forward+backward, tiny body ``(x.sin() * y,)`` on ``--tiny`` elements
-    [hopkit <= 2x plain];
+    [hopkit <= 1.2x plain];
 (b) eager forward+backward, MLP body ``((x @ w1).relu() @ w2,)`` with x
-    ``--batch`` x ``--hidden`` and two square weights [hopkit <= 1.2x plain];
+    ``--batch`` x ``--hidden`` and two square weights [hopkit <= 1.05x plain];
 (c) a no-grad eager call of the tiny body: overhead = HOP minus plain
-    [hopkit overhead <= 0.5x the in-tree overhead];
+    [hopkit overhead <= 0.2x the in-tree overhead];
 (d) ``make_fx(tracing_mode="fake")`` of a function calling the HOP
     [hopkit <= 1.0x in-tree];
 (e) ``torch.compile(backend="aot_eager")`` of a function calling the HOP:
-    steady-state forward+backward step [hopkit <= 1.1x plain compiled] and the
+    steady-state forward+backward step [hopkit <= 1.05x plain compiled] and the
     first call, which compiles forward and backward [hopkit <= 1.1x in-tree].
 
 Every timed quantity is measured in ``--rounds`` rounds; the variants
@@ -288,7 +289,7 @@ def bench_no_grad(args: argparse.Namespace) -> None:
         "(c) no-grad overhead: hopkit / in-tree",
         over["hopkit"].median / over["in-tree"].median,
         over["hopkit"].minimum / over["in-tree"].minimum,
-        0.5,
+        0.2,
     ))
 
 
@@ -348,7 +349,7 @@ def bench_compile(body: str, args: argparse.Namespace) -> None:
 
     label = f"(e) aot_eager fwd+bwd steady, {body}"
     ROWS.append(Row(label, stats))
-    add_target(label, stats, "hopkit", "plain", 1.1)
+    add_target(label, stats, "hopkit", "plain", 1.05)
     label = f"(e) aot_eager first call, {body}"
     ROWS.append(Row(label, first))
     add_target(label, first, "hopkit", "in-tree", 1.1)
@@ -396,9 +397,9 @@ def main() -> None:
     only = set(args.only.split(","))
     t0 = time.perf_counter()
     if "a" in only:
-        bench_eager_fwd_bwd("tiny", args, 2.0)
+        bench_eager_fwd_bwd("tiny", args, 1.2)
     if "b" in only:
-        bench_eager_fwd_bwd("mlp", args, 1.2)
+        bench_eager_fwd_bwd("mlp", args, 1.05)
     if "c" in only:
         bench_no_grad(args)
     if "d" in only:
