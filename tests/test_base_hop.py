@@ -7,6 +7,8 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from unittest import mock
+
 import pytest
 import torch
 from expecttest import assert_expected_inline
@@ -141,6 +143,49 @@ def test_eager_training_traces_nothing() -> None:
     finally:
         proxy_tensor.make_fx = original
     assert traces == []
+
+
+def test_compiled_graph_nodes_run_their_body_directly() -> None:
+    """A HOP node of an aot_eager graph runs the body hopkit made without the
+    dispatcher (NOTE [BaseHOP plain-eager fast path]); under a dispatch mode
+    the same node goes through it, and the mode sees the body's ops."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    dispatched: list[int] = []
+    real = torch._ops.HigherOrderOperator.__call__
+
+    def spy(self: Any, *a: Any, **k: Any) -> Any:
+        if self is invoke_quant:
+            dispatched.append(1)
+        return real(self, *a, **k)
+
+    x, y = inputs("cpu")
+    backend = AotEagerAndRecordGraphs()
+    compiled = torch.compile(lambda a, b: invoke_quant(G, a, b)[0], backend=backend,
+                             fullgraph=True)
+    compiled(x, y).sum().backward()  # compile
+    forward_graph = backend.fw_graphs[0]
+    with mock.patch.object(torch._ops.HigherOrderOperator, "__call__", spy):
+        x.grad = y.grad = None
+        compiled(x, y).sum().backward()
+        assert dispatched == []
+        torch.testing.assert_close(x.grad, (x.cos() * y).detach())
+        a, b = x.detach(), y.detach()
+        recorder = Recorder()
+        with recorder:  # torch.compile would skip the frame: run the graph itself
+            out = forward_graph(a, b)[0]
+        assert dispatched == [1]
+    assert "aten.sin.default" in recorder.ops and "aten.mul.Tensor" in recorder.ops
+    torch.testing.assert_close(out, a.sin() * b)
 
 
 def test_no_grad_skips_autograd_entirely() -> None:
