@@ -8,8 +8,9 @@ hopkit/functionalization). Each is correct only where a plain call of a torch
 op would run the dense kernel directly; this module answers that question
 once, so they cannot disagree (a vmap-batched tensor, a FunctionalTensor, a
 subclass or an active mode makes every one of them take the dispatcher).
-``with_effects`` keeps a cheaper check of its own, measured to matter there
-(NOTE [with_effects fast path] in hopkit/effects/_hop.py).
+A HOP call itself needs less (``hop_call_reaches_dense``): what would take
+the call off its dense rule, not what the body's kernels handle; with_effects
+and BaseHOP's compiled-graph nodes ask that, measured to matter there.
 
 It also answers "is a trace being recorded?" (``tracing_underway``), the
 question behind BaseHOP's eager rules under dispatch modes and tensor
@@ -28,7 +29,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["nothing_intercepts_dispatch", "tracing_underway", "user_modes_suspended"]
+__all__ = [
+    "hop_call_reaches_dense", "nothing_intercepts_dispatch", "plain_hop_operands",
+    "plain_hop_values", "tracing_underway", "user_modes_suspended",
+]
 
 # Dispatch keys a plain dense tensor carries; a tensor with any other key
 # (Python, Functionalize, FuncTorchBatched, Sparse, Nested, Conjugate, ...)
@@ -49,6 +53,9 @@ _PRE_DISPATCH = torch._C.DispatchKey.PreDispatch
 _torch_function_mode_on = torch._C._is_torch_function_mode_enabled
 _peek_interpreter = torch._C._functorch.peek_interpreter_stack
 _has_torch_function = torch._C._has_torch_function
+_functorch_on = torch._C._are_functorch_transforms_active
+_FUNCTIONALIZE = torch._C.DispatchKey.Functionalize
+_is_functional = torch._is_functional_tensor
 _Tensor = torch.Tensor
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)  # no __torch_function__ of their own
 
@@ -80,7 +87,18 @@ def nothing_intercepts_dispatch(values: Iterable[Any]) -> bool:
         or _peek_interpreter() is not None
     ):
         return False
-    return _all_plain(values)
+    # _all_plain's loop, inline for the top level: every HOP node of a
+    # compiled graph asks, and each Python frame costs there.
+    for v in values:
+        if isinstance(v, _Tensor):
+            plain = _plain_keysets.get(_dispatch_keys(v).raw_repr())
+            if plain is None:
+                plain = _keyset_is_plain(_dispatch_keys(v))
+            if not plain or (type(v) not in _PLAIN_TYPES and _has_torch_function((v,))):
+                return False
+        elif (type(v) is list or type(v) is tuple) and not _all_plain(v):
+            return False
+    return True
 
 
 def _all_plain(values: Iterable[Any]) -> bool:
@@ -99,6 +117,68 @@ def _all_plain(values: Iterable[Any]) -> bool:
         elif type(v) is list or type(v) is tuple:
             if not _all_plain(v):
                 return False
+    return True
+
+
+def hop_call_reaches_dense(values: tuple[Any, ...]) -> bool:
+    """Whether a HigherOrderOperator called on ``values`` would end in its dense rule.
+
+    Weaker than ``nothing_intercepts_dispatch``, on purpose: a HOP's dense
+    rule runs its body (or op) through the full dispatcher, so a sparse,
+    nested or conjugated plain-typed tensor is handled by the kernels the
+    body calls; only what would take the *HOP call* elsewhere must be
+    refused: a dispatch or torch-function mode, a functorch transform, C++
+    functionalization or pre-dispatch tracing switched on, a subclass, a
+    functional tensor. ``with_effects`` (NOTE [with_effects fast path] in
+    hopkit/effects/_hop.py) and BaseHOP's compiled-graph nodes (NOTE [BaseHOP
+    plain-eager fast path]) run their dense rule directly when it holds.
+    """
+    if (
+        _len_dispatch_stack()
+        or _torch_function_mode_on()
+        or _functorch_on()
+        or _tls_included(_FUNCTIONALIZE)
+        or _tls_included(_PRE_DISPATCH)
+    ):
+        return False
+    for v in values:  # plain_hop_operands, inline: one Python frame fewer per node
+        t = type(v)
+        if t is _Tensor:
+            if _is_functional(v):
+                return False
+        elif t is not int and t is not float and t is not bool and v is not None:
+            return plain_hop_values(values)
+    return True
+
+
+def plain_hop_operands(values: tuple[Any, ...]) -> bool:
+    """``plain_hop_values`` for the common case, inlined: tensors of exactly
+    ``torch.Tensor`` and Python scalars (anything else goes to the full walk)."""
+    for v in values:
+        t = type(v)
+        if t is _Tensor:
+            if _is_functional(v):
+                return False
+        elif t is not int and t is not float and t is not bool and v is not None:
+            return plain_hop_values(values)
+    return True
+
+
+def plain_hop_values(values: Any) -> bool:
+    """No subclass and no functional tensor among ``values`` (lists and tuples
+    looked into): what would take a HOP call off its dense rule."""
+    for v in values:
+        t = type(v)
+        if t in _PLAIN_TYPES:
+            # C++ functional wrappers (torch.func.functionalize, or unwrapped
+            # FunctionalTensors) are plain-typed but dispatch to Functionalize.
+            if _is_functional(v):
+                return False
+            continue
+        if isinstance(v, _Tensor):
+            return False
+        if (t is list or t is tuple) and not plain_hop_values(v):
+            return False
     return True
 
 

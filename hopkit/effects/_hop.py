@@ -33,6 +33,8 @@ from torch.fx.experimental.proxy_tensor import (
 )
 
 from hopkit import _fx
+from hopkit._dispatch import plain_hop_operands as _plain_args
+from hopkit._dispatch import plain_hop_values as _all_plain
 from hopkit.effects._registry import OpType, aliases, describe, display_name
 from hopkit.effects._tokens import new_token_tensor
 
@@ -71,15 +73,14 @@ class WithEffects(HigherOrderOperator):
         # transform (functorch's functionalize included), no C++
         # functionalization or pre-dispatch tracing switched on, and plain
         # (non-subclass, non-functional) tensors only.
-        # Not hopkit._dispatch.nothing_intercepts_dispatch, deliberately: it
-        # reads every tensor's dispatch key set and torch's Python-level
-        # pre-dispatch mode stack, which costs ~1us more per call than the
-        # checks below (benchmarks/bench_effects.py's aot_eager row must stay
-        # within 1.05x unregistered). It is also stricter than needed here:
-        # the dense rule calls ``op`` through the full dispatcher, so a sparse,
-        # nested or conjugated plain-typed tensor is handled by the op's own
-        # kernels; only what would take the *HOP* call elsewhere (a mode, a
-        # transform, functionalization, a subclass) must be refused.
+        # This is hopkit._dispatch.hop_call_reaches_dense, spelled inline with
+        # the token checks (each Python frame costs in compiled code), not
+        # nothing_intercepts_dispatch: that reads every tensor's dispatch key
+        # set, ~1us more per call (benchmarks/bench_effects.py's aot_eager
+        # row must stay within 1.05x unregistered), and is stricter than
+        # needed: the dense rule calls ``op`` through the full dispatcher, so
+        # a sparse, nested or conjugated plain-typed tensor is handled by the
+        # op's own kernels.
         # The checks are ordered cheapest first; a compiled graph's calls pass
         # None (the first) or _RUNTIME_TOKEN (every later one) as the token,
         # recognised by identity, and an op already checked by identity in
@@ -164,7 +165,6 @@ _CHECKED_OPS: set[Any] = set()
 # id(op) -> op for the ops in _CHECKED_OPS; holding the op keeps its id from
 # being reused by another object.
 _CHECKED_IDS: dict[int, Any] = {}
-_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 # What a token may be (besides None): a tensor of any kind (plain, fake,
 # functional, tracked by make_fx), or an FX proxy under symbolic tracing.
 _TOKEN_TYPES = (torch.Tensor, torch.fx.Proxy)
@@ -175,7 +175,6 @@ _functorch_on = torch._C._are_functorch_transforms_active
 _tls_included = torch._C._dispatch_tls_is_dispatch_key_included
 _FUNCTIONALIZE = DispatchKey.Functionalize
 _PRE_DISPATCH = DispatchKey.PreDispatch
-_is_functional = torch._is_functional_tensor
 # The new token of a fast-path call: tokens carry no data and are never
 # written, so one shared empty tensor serves every call (allocating one costs
 # about as much as the rest of the fast path).
@@ -184,38 +183,6 @@ _is_functional = torch._is_functional_tensor
 # and a fake token handed to eager callers later breaks them.
 with torch.utils._python_dispatch._disable_current_modes():
     _RUNTIME_TOKEN = torch.empty(0)
-
-
-def _plain_args(values: tuple[Any, ...]) -> bool:
-    """_all_plain for the fast path's common case, inlined: plain tensors and
-    Python scalars (lists, tuples and anything else go to _all_plain)."""
-    for v in values:
-        t = type(v)
-        if t is _Tensor:
-            if _is_functional(v):
-                return False
-        elif t is not int and t is not float and t is not bool and v is not None:
-            return _all_plain(values)
-    return True
-
-
-_Tensor = torch.Tensor
-
-
-def _all_plain(values: Any) -> bool:
-    for v in values:
-        t = type(v)
-        if t in _PLAIN_TENSOR_TYPES:
-            # C++ functional wrappers (torch.func.functionalize, or unwrapped
-            # FunctionalTensors) are plain-typed but dispatch to Functionalize.
-            if _is_functional(v):
-                return False
-            continue
-        if isinstance(v, torch.Tensor):
-            return False
-        if (t is list or t is tuple) and not _all_plain(v):
-            return False
-    return True
 
 
 with_effects = WithEffects()
