@@ -30,8 +30,8 @@ from typing import Any
 import torch
 
 __all__ = [
-    "hop_call_reaches_dense", "nothing_intercepts_dispatch", "plain_hop_operands",
-    "plain_hop_values", "tracing_underway", "user_modes_suspended",
+    "hop_call_reaches_dense", "nothing_intercepts_dispatch", "plain_hop_values",
+    "tracing_underway", "user_modes_suspended",
 ]
 
 # Dispatch keys a plain dense tensor carries; a tensor with any other key
@@ -141,19 +141,8 @@ def hop_call_reaches_dense(values: tuple[Any, ...]) -> bool:
         or _tls_included(_PRE_DISPATCH)
     ):
         return False
-    for v in values:  # plain_hop_operands, inline: one Python frame fewer per node
-        t = type(v)
-        if t is _Tensor:
-            if _is_functional(v):
-                return False
-        elif t is not int and t is not float and t is not bool and v is not None:
-            return plain_hop_values(values)
-    return True
-
-
-def plain_hop_operands(values: tuple[Any, ...]) -> bool:
-    """``plain_hop_values`` for the common case, inlined: tensors of exactly
-    ``torch.Tensor`` and Python scalars (anything else goes to the full walk)."""
+    # The common case inline (plain tensors, Python scalars): each Python
+    # frame costs in compiled code; anything else takes the full walk.
     for v in values:
         t = type(v)
         if t is _Tensor:

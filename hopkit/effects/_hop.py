@@ -33,7 +33,7 @@ from torch.fx.experimental.proxy_tensor import (
 )
 
 from hopkit import _fx
-from hopkit._dispatch import plain_hop_operands as _plain_args
+from hopkit._dispatch import hop_call_reaches_dense as _hop_call_reaches_dense
 from hopkit._dispatch import plain_hop_values as _all_plain
 from hopkit.effects._registry import OpType, aliases, describe, display_name
 from hopkit.effects._tokens import new_token_tensor
@@ -73,8 +73,7 @@ class WithEffects(HigherOrderOperator):
         # transform (functorch's functionalize included), no C++
         # functionalization or pre-dispatch tracing switched on, and plain
         # (non-subclass, non-functional) tensors only.
-        # This is hopkit._dispatch.hop_call_reaches_dense, spelled inline with
-        # the token checks (each Python frame costs in compiled code), not
+        # hopkit._dispatch.hop_call_reaches_dense, not
         # nothing_intercepts_dispatch: that reads every tensor's dispatch key
         # set, ~1us more per call (benchmarks/bench_effects.py's aot_eager
         # row must stay within 1.05x unregistered), and is stricter than
@@ -89,10 +88,7 @@ class WithEffects(HigherOrderOperator):
             (token is None or token is _RUNTIME_TOKEN)
             and not kwargs
             and _CHECKED_IDS.get(id(op)) is op
-            and not (_dispatch_stack_len() or _torch_function_mode_on() or _functorch_on())
-            and _plain_args(args)
-            and not _tls_included(_FUNCTIONALIZE)
-            and not _tls_included(_PRE_DISPATCH)
+            and _hop_call_reaches_dense(args)
         ):
             out = op(*args)
             if type(out) is tuple:
@@ -110,14 +106,7 @@ class WithEffects(HigherOrderOperator):
         if not checked:
             _check_wrappable(self, op)
         if (
-            not (
-                _dispatch_stack_len()
-                or _torch_function_mode_on()
-                or _functorch_on()
-                or _tls_included(_FUNCTIONALIZE)
-                or _tls_included(_PRE_DISPATCH)
-            )
-            and _all_plain(args)
+            _hop_call_reaches_dense(args)
             and (token is None or _all_plain((token,)))
             and (not kwargs or _all_plain(kwargs.values()))
         ):
@@ -168,13 +157,6 @@ _CHECKED_IDS: dict[int, Any] = {}
 # What a token may be (besides None): a tensor of any kind (plain, fake,
 # functional, tracked by make_fx), or an FX proxy under symbolic tracing.
 _TOKEN_TYPES = (torch.Tensor, torch.fx.Proxy)
-# Bound once: the fast path runs for every effectful call of a compiled graph.
-_dispatch_stack_len = torch._C._len_torch_dispatch_stack
-_torch_function_mode_on = torch._C._is_torch_function_mode_enabled
-_functorch_on = torch._C._are_functorch_transforms_active
-_tls_included = torch._C._dispatch_tls_is_dispatch_key_included
-_FUNCTIONALIZE = DispatchKey.Functionalize
-_PRE_DISPATCH = DispatchKey.PreDispatch
 # The new token of a fast-path call: tokens carry no data and are never
 # written, so one shared empty tensor serves every call (allocating one costs
 # about as much as the rest of the fast path).
