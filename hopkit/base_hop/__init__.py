@@ -23,10 +23,11 @@ body, else inline it) in ``hopkit/inductor/hop_lowering.py``. The registration
 block, ``BaseHOP._register_rules``, lists every one of them.
 
 NOTE [BaseHOP plain-eager fast path]
-Called on plain dense tensors with no mode, no functorch transform and no
-__torch_function__ active, the HOP skips the dispatcher (whose Python
-HigherOrderOperator dispatch flattens the arguments twice per key) and runs its
-dense rule directly. With grad enabled, autograd then records the body's ops as
+Called where the dispatcher would end in the dense rule anyway (no mode, no
+functorch transform, no __torch_function__ mode, no functionalization, no
+subclass or functional tensor: hopkit._dispatch.hop_call_reaches_dense), the
+HOP skips the dispatcher (whose Python HigherOrderOperator dispatch flattens
+the arguments twice per key) and runs its dense rule directly. With grad enabled, autograd then records the body's ops as
 they run: that is eager's semantics exactly (double backward, RNG, data-
 dependent bodies, autocast's backward included), nothing is traced, and the body
 runs once. Everything else goes through the dispatcher and the rules below.
@@ -249,11 +250,17 @@ class BaseHOP(HigherOrderOperator):
             if not isinstance(x, _OPERAND_TYPES):
                 _check_operands(self, operands)
         if kwargs:
-            _check_config_names(self, kwargs)
-            _config.check_config(self._name, tuple(kwargs), tuple(kwargs.values()))
+            # The checks' common outcome first (names free, values scalars):
+            # they run on every eager call.
+            if not _RESERVED_CONFIG_NAMES.isdisjoint(kwargs):
+                _check_config_names(self, kwargs)
+            for value in kwargs.values():
+                if type(value) not in _SCALAR_CONFIG:
+                    _config.check_config(self._name, tuple(kwargs), tuple(kwargs.values()))
+                    break
         if n:
             _config.check_config(self._name, self.leading_config, args[:n])
-        if self._fast_path and _dispatch.nothing_intercepts_dispatch(operands):
+        if self._fast_path and _dispatch.hop_call_reaches_dense(operands):
             # NOTE [BaseHOP plain-eager fast path]: base_hop_dense, inline.
             if self._has_context:
                 out = self._run(args[:n], subgraph, operands, kwargs)
@@ -466,6 +473,7 @@ def _check_operands(hop: BaseHOP, operands: Sequence[Any]) -> None:
 # rules as fn(mode, *args, **kwargs) and fn(interpreter, *args, **kwargs), so a
 # keyword argument of either name collides there, whatever hopkit does.
 _RESERVED_CONFIG_NAMES = frozenset({"mode", "interpreter"})
+_SCALAR_CONFIG = _config.SCALAR_TYPES
 
 
 def _check_config_names(hop: BaseHOP, kwargs: dict[str, Any]) -> None:

@@ -55,7 +55,9 @@ __all__ = [
 # ``torch.float32``, ``device(type='cpu')``, ``inf``).
 _SCALARS = (str, int, float, bool, type(None), torch.dtype, torch.device,
             torch.layout, torch.memory_format)
-_SCALAR_TYPES = frozenset(_SCALARS)
+# Types a configuration value may have without a deeper check (also read by
+# BaseHOP.__call__, which skips check_config when every value has one).
+SCALAR_TYPES = frozenset(_SCALARS)
 
 _FIX_TENSOR = ("tensors are operands: pass it after the subgraph "
                "(hop(subgraph, x, t)) and read it there")
@@ -88,14 +90,14 @@ def check_config(hop_name: str, names: Sequence[str], values: Sequence[Any]) -> 
     configuration argument).
     """
     for name, value in zip(names, values):
-        if type(value) in _SCALAR_TYPES:
+        if type(value) in SCALAR_TYPES:
             continue
         _check_value(hop_name, name, value, in_namedtuple=False)
         _note_dataclasses(value)
 
 
 def _check_value(hop_name: str, path: str, value: Any, in_namedtuple: bool) -> None:
-    if type(value) in _SCALAR_TYPES:
+    if type(value) in SCALAR_TYPES:
         return
     if in_namedtuple and (isinstance(value, enum.Enum) or _is_namedtuple(value)
                           or _is_dataclass_instance(value)):
@@ -164,7 +166,7 @@ def _is_dataclass_instance(value: Any) -> bool:
 
 
 def _dataclass_types(value: Any, out: set[type]) -> None:
-    if type(value) in _SCALAR_TYPES:
+    if type(value) in SCALAR_TYPES:
         return
     if isinstance(value, (tuple, list)):
         for item in value:
@@ -336,7 +338,7 @@ def schema_argument(name: str, value: Any) -> torch._C.Argument | None:
     an enum, a named tuple or a dataclass is ``Any``, its value written into
     the schema's default as a string of its source.
     """
-    if type(value) in _SCALAR_TYPES:
+    if type(value) in SCALAR_TYPES:
         return None
     typ = _jit_type(value)
     if typ is not None:
