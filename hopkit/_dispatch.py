@@ -1,16 +1,22 @@
-"""The one predicate "nothing intercepts dispatch", shared by every fast path.
+"""The predicates behind every fast path: may this call skip torch's dispatcher?
 
 hopkit's fast paths skip torch's dispatcher when doing so cannot change the
-result: BaseHOP's plain-eager call (NOTE [BaseHOP plain-eager fast path] in
-hopkit/base_hop/__init__.py) and the eager replay of ViewMeta sequences as one
-``as_strided`` (NOTE [Geometry cache for eager replay] in
-hopkit/functionalization). Each is correct only where a plain call of a torch
-op would run the dense kernel directly; this module answers that question
-once, so they cannot disagree (a vmap-batched tensor, a FunctionalTensor, a
-subclass or an active mode makes every one of them take the dispatcher).
-A HOP call itself needs less (``hop_call_reaches_dense``): what would take
-the call off its dense rule, not what the body's kernels handle; with_effects
-and BaseHOP's compiled-graph nodes ask that, measured to matter there.
+result, and each asks one of two questions answered here, so that no two of
+them can disagree (a vmap-batched tensor, a FunctionalTensor, a subclass or
+an active mode sends every one of them to the dispatcher):
+
+- ``hop_call_reaches_dense``: would a HigherOrderOperator call end in its
+  dense rule? BaseHOP's plain-eager call and its HOP nodes in compiled
+  graphs (NOTE [BaseHOP plain-eager fast path] in hopkit/base_hop/__init__.py)
+  and ``with_effects`` (NOTE [with_effects fast path] in
+  hopkit/effects/_hop.py) ask this: their dense rule runs the body (or op)
+  through the dispatcher, so only what would take the HOP call elsewhere
+  matters. Cheap on purpose: it runs for every HOP node of a compiled graph.
+- ``nothing_intercepts_dispatch``: would a torch op on these tensors run the
+  dense kernel directly? Stricter (it reads each tensor's dispatch keys):
+  the eager replay of ViewMeta sequences as one ``as_strided`` (NOTE
+  [Geometry cache for eager replay] in hopkit/functionalization) replaces the
+  ops themselves, so a sparse, nested or conjugated tensor must go the long way.
 
 It also answers "is a trace being recorded?" (``tracing_underway``), the
 question behind BaseHOP's eager rules under dispatch modes and tensor
